@@ -1,0 +1,7 @@
+"""``python -m itk_infer`` runs the command line."""
+
+import sys
+
+from itk_infer.cli import main
+
+sys.exit(main())

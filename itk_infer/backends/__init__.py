@@ -1,0 +1,51 @@
+"""Model backends behind one small interface; :func:`load_backend` picks one."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from itk_infer.backends.base import Backend, ModelDefaults
+from itk_infer.config import ModelSpec
+from itk_infer.errors import UsageError
+
+__all__ = ["Backend", "ModelDefaults", "load_backend", "resolve_device"]
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str, gpu_index: int = 0) -> torch.device:
+    """``auto`` → CUDA when visible, else CPU; ``cuda`` without CUDA is a usage error."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", gpu_index % torch.cuda.device_count())
+    if requested == "cuda":
+        raise UsageError("--device cuda was requested but no CUDA device is visible")
+    return torch.device("cpu")
+
+
+def load_backend(spec: ModelSpec, device: torch.device, fp16: bool = False) -> Backend:
+    """Load the model described by ``spec`` onto ``device``.
+
+    ``fp16`` only takes effect on CUDA; on the CPU it is ignored with one warning.
+
+    Raises:
+        ModelError: missing files or a model that does not fit the contract.
+    """
+    if fp16 and device.type != "cuda":
+        log.warning("--fp16 is ignored on the CPU (half precision needs CUDA)")
+        fp16 = False
+    if spec.backend == "onnx":
+        from itk_infer.backends.onnx import OnnxBackend
+
+        return OnnxBackend(spec.onnx_path, device=device, fp16=fp16)  # type: ignore[arg-type]
+    from itk_infer.backends.mmengine import MMEngineBackend
+
+    return MMEngineBackend(
+        spec.cfg_path,  # type: ignore[arg-type]
+        spec.ckpt_path,  # type: ignore[arg-type]
+        device=device,
+        fp16=fp16,
+        trust_checkpoint=spec.trust_checkpoint,
+    )

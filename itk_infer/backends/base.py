@@ -1,0 +1,96 @@
+"""The backend contract: a batch of windows in, logits out. Backends never open images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from itk_infer.errors import ModelError, UsageError
+
+log = logging.getLogger(__name__)
+
+# Keys of ``inference_config`` that models trained with the original tool carry.
+INFERENCE_CONFIG_KEYS = frozenset(
+    {
+        "patch_size",
+        "patch_stride",
+        "forward_batch_windows",
+        "accumulate_device",
+        "forward_device",
+        "argmax_batchsize",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Settings a model carries with it (ONNX metadata, MMEngine config)."""
+
+    window_level: float | None = None
+    window_width: float | None = None
+    inference_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+def clean_inference_config(config: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
+    """Keep the known keys of an ``inference_config``; warn once about the others."""
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise ModelError(f"{source}: inference_config must be a mapping, got {type(config)}")
+    unknown = sorted(set(config) - INFERENCE_CONFIG_KEYS)
+    if unknown:
+        log.warning("%s: ignoring unknown inference_config keys %s", source, unknown)
+    return {k: v for k, v in config.items() if k in INFERENCE_CONFIG_KEYS}
+
+
+def parse_inference_config_json(text: str, source: str) -> dict[str, Any]:
+    try:
+        return clean_inference_config(json.loads(text), source)
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{source}: inference_config is not valid JSON: {error}") from None
+
+
+def fingerprint_files(paths: Iterable[Path], extra: str = "") -> str:
+    """SHA-256 over the bytes of the model files (and ``extra`` text), hex, first 16 digits."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    digest.update(extra.encode())
+    return digest.hexdigest()[:16]
+
+
+def require_file(path: Path | None, what: str) -> Path:
+    if path is None:
+        raise UsageError(f"{what} is required")
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{what} not found: {path}")
+    return path
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model. ``forward`` maps (N, 1, Z, Y, X) float32 to (N, C, Z, Y, X) logits.
+
+    Input and output tensors live on ``device``; the output may be float16 or float32.
+    """
+
+    name: str
+    device: torch.device
+    defaults: ModelDefaults
+    fingerprint: str
+    static_patch_size: tuple[int, int, int] | None
+    static_batch_size: int | None
+    num_classes: int | None
+    fp16: bool
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor: ...

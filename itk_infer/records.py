@@ -1,0 +1,165 @@
+"""Per-case JSON records (written last: they mark a case complete), run summaries and the
+confidences table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from itk_infer.atomic import atomic_output
+from itk_infer.cases import Case, OutputLayout
+
+log = logging.getLogger(__name__)
+RECORD_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers in the outputs."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("itk_infer", "numpy", "SimpleITK", "torch", "onnxruntime-gpu", "onnxruntime",
+                 "mmengine", "zarr", "numcodecs"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass
+class CaseRecord:
+    """What one finished case was made from and what it produced."""
+
+    case: str
+    input_path: str
+    input_size: int
+    input_mtime: float
+    model_fingerprint: str
+    settings: dict[str, Any]
+    outputs: dict[str, str]  # kind ("labels", "logits") → file name in the output folder
+    output_sizes: dict[str, int]
+    voxels_per_label: dict[str, int]
+    timings_s: dict[str, float]
+    confidence: float | None = None
+    num_classes: int = 0
+    source_orientation: str = ""
+    versions: dict[str, str] = field(default_factory=library_versions)
+    record_version: int = RECORD_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaseRecord:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text + "\n")
+
+
+def write_record(layout: OutputLayout, case: Case, record: CaseRecord) -> Path:
+    """Write the record last, after every output of the case is published."""
+    path = layout.record(case)
+    write_json_atomic(path, record.to_json())
+    return path
+
+
+def read_record(path: Path) -> CaseRecord | None:
+    """The record at ``path``, or ``None`` when missing or unreadable."""
+    try:
+        return CaseRecord.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def outputs_intact(layout: OutputLayout, record: CaseRecord) -> bool:
+    """Every output the record lists exists, with the size it had when written."""
+    for kind, name in record.outputs.items():
+        path = layout.folder / name
+        expected = record.output_sizes.get(kind)
+        if not path.exists():
+            return False
+        if path.is_file() and expected is not None and path.stat().st_size != expected:
+            return False
+    return True
+
+
+def read_all_records(folder: Path) -> list[CaseRecord]:
+    """Every readable record in an output folder, sorted by case name."""
+    records_dir = OutputLayout(Path(folder)).records_folder
+    if not records_dir.is_dir():
+        return []
+    found = (read_record(p) for p in sorted(records_dir.glob("*.json")))
+    return sorted((r for r in found if r is not None), key=lambda r: r.case)
+
+
+def write_confidences(folder: Path) -> Path:
+    """Build ``confidences.xlsx`` (sheet ``Confidences``: ``Case``, ``Confidence``) from every
+    record with a confidence in ``folder`` — cases of earlier runs included."""
+    import pandas as pd
+
+    layout = OutputLayout(Path(folder))
+    rows = [
+        {"Case": r.case, "Confidence": r.confidence}
+        for r in read_all_records(layout.folder)
+        if r.confidence is not None and outputs_intact(layout, r)
+    ]
+    frame = pd.DataFrame(rows, columns=["Case", "Confidence"])
+    with atomic_output(layout.confidences) as tmp:
+        frame.to_excel(tmp, sheet_name="Confidences", index=False, engine="openpyxl")
+    return layout.confidences
+
+
+@dataclass
+class CaseOutcome:
+    case: str
+    status: str  # "done", "skipped", "failed"
+    reason: str = ""
+    seconds: float = 0.0
+    confidence: float | None = None
+
+
+@dataclass
+class RunSummary:
+    """Counts and per-case outcomes of one run."""
+
+    outcomes: list[CaseOutcome] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def failed(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def headline(self) -> str:
+        return (
+            f"{self.count('done')} done, {self.count('skipped')} skipped, "
+            f"{self.count('failed')} failed"
+        )
+
+    def to_json(self) -> str:
+        data = {
+            "done": self.count("done"),
+            "skipped": self.count("skipped"),
+            "failed": self.count("failed"),
+            "stale": self.stale,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "cases": [asdict(o) for o in self.outcomes],
+        }
+        return json.dumps(data, indent=2)

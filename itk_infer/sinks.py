@@ -1,0 +1,170 @@
+"""Consumers of finished slabs: the label map, the zarr logits and the confidence sum."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from itk_infer.atomic import publish, remove_path, temporary_path
+from itk_infer.config import Triple
+from itk_infer.engine import Sink, Slab, label_dtype
+
+FLOAT16_MAX = 65504.0
+# Target size of one zarr chunk: big enough for good compression, small enough to buffer.
+LOGITS_CHUNK_BYTES = 16 << 20
+
+
+class LabelSink(Sink):
+    """Collects labels into a (Z, Y, X) uint8/uint16 array, and voxel counts per label."""
+
+    def __init__(self) -> None:
+        self.labels: np.ndarray | None = None
+
+    def begin(self, num_classes: int, shape_zyx: Triple) -> None:
+        self.num_classes = num_classes
+        self.labels = np.zeros(shape_zyx, dtype=label_dtype(num_classes))
+
+    def consume(self, slab: Slab) -> None:
+        assert self.labels is not None
+        dz = slab.labels.shape[0]
+        self.labels[slab.z_start : slab.z_start + dz] = slab.labels.cpu().numpy()
+
+    def voxel_counts(self) -> dict[int, int]:
+        """Voxels per label present, e.g. ``{0: 1000, 3: 12}``."""
+        if self.labels is None:
+            return {}
+        counts = np.bincount(self.labels.ravel())
+        return {int(k): int(v) for k, v in enumerate(counts) if v}
+
+
+def confidence_map(logits: torch.Tensor) -> torch.Tensor:
+    """Per-voxel confidence 1 - H(p)/log C in float32, p = softmax over the class axis 0.
+
+    A single channel is a sigmoid model: binary entropy over log 2. Never NaN for finite
+    logits: log-probabilities come from log_softmax / logsigmoid, so p = 0 gives 0 * finite.
+    """
+    logits = logits.float()
+    if logits.shape[0] == 1:
+        x = logits[0]
+        log_p, log_q = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
+        entropy = -(log_p.exp() * log_p + log_q.exp() * log_q)
+        norm = math.log(2.0)
+    else:
+        log_p = torch.log_softmax(logits, dim=0)
+        entropy = -(log_p.exp() * log_p).sum(dim=0)
+        norm = math.log(logits.shape[0])
+    return (1.0 - entropy / norm).clamp_(0.0, 1.0)
+
+
+class ConfidenceSink(Sink):
+    """Running sum of per-voxel confidence, so the mean needs no full logits volume."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def consume(self, slab: Slab) -> None:
+        for k in range(slab.logits.shape[1]):  # one slice at a time keeps temporaries small
+            conf = confidence_map(slab.logits[:, k])
+            self.total += float(conf.sum(dtype=torch.float64))
+            self.count += conf.numel()
+
+    @property
+    def confidence(self) -> float:
+        """Mean confidence over all voxels: 1.0 certain, 0.0 uniform."""
+        return self.total / self.count if self.count else float("nan")
+
+
+def logits_to_float16(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """(C, dz, Y, X) float16 copy whose argmax over C still equals ``labels``.
+
+    Rounding to float16 can tie two close classes or flush a tiny positive sigmoid logit to
+    zero; there the stored value of the chosen class is raised by one float16 step, so that
+    ``argmax(stored) == labels`` always holds (the change is below float16 resolution).
+    """
+    half = logits.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
+    if half.shape[0] == 1:
+        bad = (labels == 1) & (half[0] <= 0)
+        if bool(bad.any()):
+            half[0][bad] = torch.finfo(torch.float16).smallest_normal
+    else:
+        labels = labels.long()
+        bad = torch.argmax(half, dim=0) != labels
+        if bool(bad.any()):
+            idx = labels[bad]
+            plane = half.permute(1, 2, 3, 0)[bad]  # (n, C)
+            top = plane.max(dim=1).values
+            # nextafter toward +inf in float16: always strictly above every other class.
+            bumped = torch.nextafter(top, torch.full_like(top, float("inf")))
+            plane[torch.arange(len(idx)), idx] = bumped
+            half.permute(1, 2, 3, 0)[bad] = plane
+    return half.cpu().numpy()
+
+
+class LogitsSink(Sink):
+    """Streams blended logits into a Zarr v3 array (C, Z, Y, X), float16, Blosc LZ4 + shuffle.
+
+    The array is built under a temporary name and published by :meth:`finish`; chunks are
+    whole (C, cz, Y, X) slabs so it is written, and can be read, a slab at a time.
+    """
+
+    def __init__(self, path: Path, attributes: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.tmp = temporary_path(self.path)
+        self.attributes = attributes
+        self._array: Any = None
+        self._buffer: list[np.ndarray] = []
+        self._buffer_start = 0
+
+    def begin(self, num_classes: int, shape_zyx: Triple) -> None:
+        import zarr
+        from zarr.codecs import BloscCodec, BloscShuffle
+
+        z, y, x = shape_zyx
+        self.chunk_z = max(1, min(z, LOGITS_CHUNK_BYTES // (num_classes * y * x * 2)))
+        self._array = zarr.create_array(
+            store=str(self.tmp),
+            shape=(num_classes, z, y, x),
+            chunks=(num_classes, self.chunk_z, y, x),
+            dtype="float16",
+            compressors=BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle),
+            fill_value=0.0,
+            zarr_format=3,
+            attributes={**self.attributes, "num_classes": num_classes},
+        )
+
+    def consume(self, slab: Slab) -> None:
+        self._buffer.append(logits_to_float16(slab.logits, slab.labels))
+        buffered = sum(b.shape[1] for b in self._buffer)
+        end = self._buffer_start + buffered
+        # Write whole chunks only, so no chunk is ever read back and rewritten.
+        if (end - self._buffer_start) >= self.chunk_z or end == self._array.shape[1]:
+            self._flush(end)
+
+    def _flush(self, end: int) -> None:
+        whole = end if end == self._array.shape[1] else end - end % self.chunk_z
+        if whole <= self._buffer_start:
+            return
+        data = np.concatenate(self._buffer, axis=1)
+        n = whole - self._buffer_start
+        self._array[:, self._buffer_start : whole] = data[:, :n]
+        rest = data[:, n:]
+        self._buffer = [rest] if rest.shape[1] else []
+        self._buffer_start = whole
+
+    def finish(self) -> int:
+        """Publish the array under its final name; returns its size in bytes."""
+        if self._array is None:
+            raise RuntimeError("no logits were written")
+        if self._buffer:
+            self._flush(self._array.shape[1])
+        size = sum(f.stat().st_size for f in self.tmp.rglob("*") if f.is_file())
+        publish(self.tmp, self.path)
+        return size
+
+    def abort(self) -> None:
+        remove_path(self.tmp)
