@@ -81,14 +81,25 @@ def read_record(path: Path) -> CaseRecord | None:
         return None
 
 
+def output_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (a zarr array); 0 when missing."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.is_file() else 0
+
+
 def outputs_intact(layout: OutputLayout, record: CaseRecord) -> bool:
-    """Every output the record lists exists, with the size it had when written."""
+    """Every output the record lists exists, with the size it had when written.
+
+    Folders (zarr arrays) are summed too: a missing chunk would otherwise read back silently
+    as the fill value.
+    """
     for kind, name in record.outputs.items():
         path = layout.folder / name
         expected = record.output_sizes.get(kind)
         if not path.exists():
             return False
-        if path.is_file() and expected is not None and path.stat().st_size != expected:
+        if expected is not None and output_size(path) != expected:
             return False
     return True
 

@@ -12,8 +12,15 @@ import torch
 from itk_infer.atomic import publish, remove_path, temporary_path
 from itk_infer.config import Triple
 from itk_infer.engine import Sink, Slab, label_dtype
+from itk_infer.records import output_size
 
 FLOAT16_MAX = 65504.0
+# Stored logits are clamped one float16 step below the maximum, so that raising a tied winner
+# by one step (see logits_to_float16) never overflows to inf.
+FLOAT16_CLAMP = 65472.0
+# Confidence clamps infinite logits (an fp16 model can overflow) to this finite bound, so that
+# softmax sees no inf - inf and p * log p no 0 * inf; float32 holds 2x this without overflow.
+CONFIDENCE_LOGIT_BOUND = 1e30
 # Target size of one zarr chunk: big enough for good compression, small enough to buffer.
 LOGITS_CHUNK_BYTES = 16 << 20
 
@@ -44,10 +51,11 @@ class LabelSink(Sink):
 def confidence_map(logits: torch.Tensor) -> torch.Tensor:
     """Per-voxel confidence 1 - H(p)/log C in float32, p = softmax over the class axis 0.
 
-    A single channel is a sigmoid model: binary entropy over log 2. Never NaN for finite
-    logits: log-probabilities come from log_softmax / logsigmoid, so p = 0 gives 0 * finite.
+    A single channel is a sigmoid model: binary entropy over log 2. Never NaN for non-NaN
+    logits: log-probabilities come from log_softmax / logsigmoid on logits clamped to a finite
+    bound, so p = 0 gives 0 * finite.
     """
-    logits = logits.float()
+    logits = logits.float().clamp(-CONFIDENCE_LOGIT_BOUND, CONFIDENCE_LOGIT_BOUND)
     if logits.shape[0] == 1:
         x = logits[0]
         log_p, log_q = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
@@ -86,7 +94,7 @@ def logits_to_float16(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     zero; there the stored value of the chosen class is raised by one float16 step, so that
     ``argmax(stored) == labels`` always holds (the change is below float16 resolution).
     """
-    half = logits.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
+    half = logits.clamp(-FLOAT16_MAX, FLOAT16_CLAMP).to(torch.float16)
     if half.shape[0] == 1:
         bad = (labels == 1) & (half[0] <= 0)
         if bool(bad.any()):
@@ -162,7 +170,7 @@ class LogitsSink(Sink):
             raise RuntimeError("no logits were written")
         if self._buffer:
             self._flush(self._array.shape[1])
-        size = sum(f.stat().st_size for f in self.tmp.rglob("*") if f.is_file())
+        size = output_size(self.tmp)  # the same measure resume checks it against
         publish(self.tmp, self.path)
         return size
 

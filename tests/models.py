@@ -32,15 +32,16 @@ def write_pointwise_model(
     num_classes: int = 3,
     *,
     metadata: dict[str, str] | None = None,
-    input_shape: list = None,  # type: ignore[assignment]
-    output_shape: list = None,  # type: ignore[assignment]
+    input_shape: list | None = None,
+    output_shape: list | None = None,
     two_outputs: bool = False,
 ) -> Path:
     """A 1x1x1 Conv3d model: logits = slope_c * x + offset_c; exact under any blending."""
     slope, offset = pointwise_weights(num_classes)
     in_shape = input_shape or ["N", 1, "Z", "Y", "X"]
     out_shape = output_shape or ["N", num_classes, "Z", "Y", "X"]
-    w = numpy_helper.from_array(slope.reshape(num_classes, 1, 1, 1, 1), "w")
+    spatial = len(in_shape) - 2
+    w = numpy_helper.from_array(slope.reshape(num_classes, 1, *([1] * spatial)), "w")
     b = numpy_helper.from_array(offset, "b")
     nodes = [helper.make_node("Conv", ["image", "w", "b"], ["logits"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)]
