@@ -1,0 +1,1 @@
+"""Bundled demo model, demo data and the scripts that make them."""
