@@ -91,26 +91,31 @@ def logits_to_float16(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """(C, dz, Y, X) float16 copy whose argmax over C still equals ``labels``.
 
     Rounding to float16 can tie two close classes or flush a tiny positive sigmoid logit to
-    zero; there the stored value of the chosen class is raised by one float16 step, so that
-    ``argmax(stored) == labels`` always holds (the change is below float16 resolution).
+    zero; there the stored value of the chosen class is raised one float16 step above the
+    largest value of the voxel, so that ``argmax(stored) == labels`` always holds (for one
+    channel: ``stored > 0`` equals ``labels``).
     """
     half = logits.clamp(-FLOAT16_MAX, FLOAT16_CLAMP).to(torch.float16)
     if half.shape[0] == 1:
         bad = (labels == 1) & (half[0] <= 0)
-        if bool(bad.any()):
-            half[0][bad] = torch.finfo(torch.float16).smallest_normal
     else:
-        labels = labels.long()
-        bad = torch.argmax(half, dim=0) != labels
-        if bool(bad.any()):
-            idx = labels[bad]
-            plane = half.permute(1, 2, 3, 0)[bad]  # (n, C)
-            top = plane.max(dim=1).values
-            # nextafter toward +inf in float16: always strictly above every other class.
-            bumped = torch.nextafter(top, torch.full_like(top, float("inf")))
-            plane[torch.arange(len(idx)), idx] = bumped
-            half.permute(1, 2, 3, 0)[bad] = plane
-    return half.cpu().numpy()
+        bad = torch.argmax(half, dim=0) != labels.long()
+    stored = half.cpu().numpy()
+    if not bool(bad.any()):
+        return stored
+    # The few voxels to fix are mended in numpy on the host: torch has no float16 nextafter
+    # on CUDA before 2.6.
+    bad_np = bad.cpu().numpy()
+    if stored.shape[0] == 1:
+        stored[0][bad_np] = np.finfo(np.float16).smallest_normal
+        return stored
+    by_voxel = np.moveaxis(stored, 0, -1)  # view (dz, Y, X, C)
+    plane = by_voxel[bad_np]  # copy (n, C)
+    top = plane.max(axis=1)
+    winners = labels.cpu().numpy()[bad_np].astype(np.intp)
+    plane[np.arange(len(winners)), winners] = np.nextafter(top, np.float16(np.inf))
+    by_voxel[bad_np] = plane
+    return stored
 
 
 class LogitsSink(Sink):
