@@ -1,0 +1,299 @@
+"""The assets: ``segmentation`` + ``logits`` (one GPU step per run, partitioned by image) and
+``confidences`` (the CLI's table, rebuilt after new segmentations).
+
+The step calls the same core as the command line: it loads the model once, then runs the
+run's partitions through :func:`itk_infer.runner.run_cases` (read-ahead and write-behind), one
+output folder at a time. Outputs land where the CLI would put them.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the context/config annotations.
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dagster import (
+    AllPartitionMapping,
+    AssetDep,
+    AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
+    AssetSpec,
+    AutomationCondition,
+    BackfillPolicy,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    multi_asset,
+)
+
+from itk_infer.cases import Case, OutputLayout
+from itk_infer.errors import ItkInferError
+from itk_infer.records import CaseRecord, read_record, write_confidences
+from itk_infer.runner import prepare_output, run_cases
+from itk_infer_assets.partitions import (
+    IMAGES_PARTITIONS_NAME,
+    PartitionKeyError,
+    images_partitions,
+    key_folder,
+)
+from itk_infer_assets.preview import markdown_image, preview_png_for_case
+from itk_infer_assets.resources import ItkInferResource, LoadedModel
+
+GROUP = "itk_infer"
+SEGMENTATION = AssetKey("segmentation")
+LOGITS = AssetKey("logits")
+CONFIDENCES = AssetKey("confidences")
+GPU_POOL = "gpu"
+# Partitions per run of a backfill: one model load serves this many images, and several runs
+# can still share the GPUs (the gpu pool decides how many run at once).
+MAX_PARTITIONS_PER_RUN = 32
+
+# One GPU for the step. Read by the Kubernetes executor (per-step pods) and, as run tags (see
+# definitions.py), by the Kubernetes run launcher. Docker's launcher takes no per-run resources
+# from tags: give its containers the GPU with `container_kwargs.device_requests` in
+# dagster.yaml (see there).
+K8S_GPU_CONFIG = {
+    "container_config": {
+        "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
+    }
+}
+GPU_OP_TAGS = {"dagster-k8s/config": K8S_GPU_CONFIG, "itk_infer/device": "gpu"}
+
+
+@dataclass
+class CaseDone:
+    key: str
+    case: Case
+    layout: OutputLayout
+    record: CaseRecord
+
+
+def _plan(itk_infer: ItkInferResource, keys: list[str]) -> tuple[dict[Path, list[tuple[str, Case]]],
+                                                                  dict[str, str]]:
+    """Group the run's keys by output folder (run order kept); refuse keys that cannot work."""
+    groups: dict[Path, list[tuple[str, Case]]] = {}
+    refused: dict[str, str] = {}
+    names: dict[tuple[Path, str], str] = {}
+    for key in keys:
+        try:
+            case, layout = itk_infer.case_for(key), itk_infer.layout_for(key)
+        except PartitionKeyError as error:
+            refused[key] = str(error)
+            continue
+        if layout.labels(case).resolve() == case.path.resolve():
+            refused[key] = "the output folder is the input folder: outputs would replace inputs"
+            continue
+        other = names.setdefault((layout.folder, case.name), key)
+        if other != key:
+            refused[key] = f"same case name as {other}: the outputs would collide"
+            continue
+        groups.setdefault(layout.folder, []).append((key, case))
+    return groups, refused
+
+
+def _segmentation_metadata(done: CaseDone, model: LoadedModel, preview_md: str | None) -> dict:
+    record = done.record
+    metadata = {
+        "path": MetadataValue.path(str(done.layout.labels(done.case))),
+        "record": MetadataValue.path(str(done.layout.record(done.case))),
+        "confidence": MetadataValue.float(float(record.confidence))
+        if record.confidence is not None else MetadataValue.text("n/a"),
+        "voxels_per_label": MetadataValue.json(record.voxels_per_label),
+        "timings_s": MetadataValue.json(record.timings_s),
+        "num_classes": MetadataValue.int(int(record.num_classes)),
+        "source_orientation": MetadataValue.text(record.source_orientation),
+        "device": MetadataValue.text(str(record.settings.get("device", ""))),
+        "model_fingerprint": MetadataValue.text(record.model_fingerprint),
+        "settings": MetadataValue.json(model.inference.describe()),
+    }
+    if preview_md is not None:
+        metadata["preview"] = MetadataValue.md(preview_md)
+    return metadata
+
+
+def _logits_metadata(done: CaseDone) -> dict:
+    path = done.layout.logits(done.case)
+    return {
+        "path": MetadataValue.path(str(path)),
+        "size_bytes": MetadataValue.int(int(done.record.output_sizes.get("logits", 0))),
+        "dtype": MetadataValue.text("float16, (C, Z, Y, X), zarr v3"),
+    }
+
+
+def _preview(context: AssetExecutionContext, done: CaseDone, model: LoadedModel) -> str | None:
+    """The preview as Markdown; a preview that cannot be drawn is logged, not fatal (the
+    case's outputs are complete at this point)."""
+    try:
+        png = preview_png_for_case(done.case.path, done.layout.labels(done.case),
+                                   model.inference.window.level, model.inference.window.width)
+    except Exception as error:  # cosmetic only; the outputs are already published
+        context.log.warning(f"{done.key}: no preview: {type(error).__name__}: {error}")
+        return None
+    return markdown_image(png, f"{done.case.name}: axial, coronal, sagittal")
+
+
+@multi_asset(
+    name="itk_infer_inference",
+    specs=[
+        AssetSpec(
+            SEGMENTATION,
+            partitions_def=images_partitions,
+            group_name=GROUP,
+            skippable=True,
+            description="Label map of one image (same file name and format as the input; LPI), "
+                        "with its record .itk_infer/<case>.json and confidence.",
+        ),
+        AssetSpec(
+            LOGITS,
+            partitions_def=images_partitions,
+            group_name=GROUP,
+            skippable=True,
+            description="Blended logits <case>.zarr (float16, C x Z x Y x X), from the same "
+                        "model pass as the segmentation (whose label map is always written "
+                        "with it). Deselect to write none.",
+        ),
+    ],
+    can_subset=True,
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    backfill_policy=BackfillPolicy.multi_run(MAX_PARTITIONS_PER_RUN),
+    description="Sliding-window inference of the run's images with one model load (itk_infer "
+                "core, pipelined). Always redoes the case and replaces its outputs atomically.",
+)
+def itk_infer_inference(
+    context: AssetExecutionContext, itk_infer: ItkInferResource
+) -> Iterator[MaterializeResult]:
+    selected = context.selected_asset_keys
+    save_logits = LOGITS in selected
+    keys = list(context.partition_keys)
+    t0 = time.perf_counter()
+    try:
+        groups, failed = _plan(itk_infer, keys)
+        done: list[CaseDone] = []
+        with itk_infer.leased_device(context.log) as device:
+            context.log.info(f"{len(keys)} partition(s) on {device}; logits: {save_logits}")
+            model = itk_infer.load_model(device)
+            load_s = time.perf_counter() - t0
+            for folder, items in groups.items():
+                layout = prepare_output(folder)
+                by_name = {case.name: (key, case) for key, case in items}
+                outcomes = run_cases([case for _, case in items], model.backend,
+                                     model.inference, layout,
+                                     itk_infer.run_settings(layout, save_logits))
+                for outcome in outcomes:
+                    key, case = by_name[outcome.case]
+                    record = read_record(layout.record(case)) if outcome.status == "done" else None
+                    if record is None:
+                        failed[key] = outcome.reason or "finished without a record"
+                        context.log.error(f"{key} failed: {failed[key]}")
+                    else:
+                        done.append(CaseDone(key, case, layout, record))
+    except (ItkInferError, TimeoutError) as error:
+        # Settings, model or devices: nothing of this run can succeed.
+        raise Failure(description=f"{type(error).__name__}: {error}") from error
+
+    per_key: dict[str, dict[AssetKey, dict]] = {}
+    for item in done:
+        metadata: dict[AssetKey, dict] = {}
+        if SEGMENTATION in selected:
+            preview = _preview(context, item, model) if itk_infer.preview else None
+            metadata[SEGMENTATION] = _segmentation_metadata(item, model, preview)
+        if save_logits:
+            metadata[LOGITS] = _logits_metadata(item)
+        per_key[item.key] = metadata
+    context.log.info(f"{len(done)} done, {len(failed)} failed in "
+                     f"{time.perf_counter() - t0:.1f} s (model load {load_s:.1f} s)")
+
+    if failed:
+        # The cases that worked are complete on disk: record them, then fail the step.
+        for key, metadata in per_key.items():
+            for asset_key, values in metadata.items():
+                context.log_event(AssetMaterialization(asset_key, partition=key, metadata=values))
+        reasons = [f"{key}: {reason}" for key, reason in sorted(failed.items())]
+        raise Failure(
+            description=f"{len(failed)} of {len(keys)} case(s) failed: " + "; ".join(reasons),
+            metadata={"failed": MetadataValue.json(dict(sorted(failed.items())))},
+        )
+    for key, metadata in per_key.items():
+        for asset_key, values in metadata.items():
+            context.add_asset_metadata(values, asset_key=asset_key, partition_key=key)
+    for asset_key in (SEGMENTATION, LOGITS):
+        if asset_key in selected:
+            yield MaterializeResult(asset_key=asset_key)
+
+
+# After new segmentations, once none is still running (so a burst of sensor runs gives one
+# table rebuild). Not `eager()`: that waits while *any* partition is missing, and with
+# per-image partitions one unreadable image would block the table forever.
+CONFIDENCES_CONDITION = (
+    AutomationCondition.any_deps_updated().since_last_handled()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+).with_label("after new segmentations")
+
+
+class ConfidencesConfig(Config):
+    rebuild_all: bool = False  # rebuild every table, even those whose records did not change
+
+
+def _records_mtime_ns(layout: OutputLayout) -> int:
+    # Publishing a record renames it into .itk_infer/, which changes the folder's mtime.
+    return layout.records_folder.stat().st_mtime_ns
+
+
+@asset(
+    key=CONFIDENCES,
+    deps=[AssetDep(SEGMENTATION, partition_mapping=AllPartitionMapping())],
+    group_name=GROUP,
+    automation_condition=CONFIDENCES_CONDITION,
+    description="confidences.xlsx (sheet Confidences: Case, Confidence), exactly as the CLI "
+                "writes it, in every output folder, from the per-case records.",
+)
+def confidences(
+    context: AssetExecutionContext, config: ConfidencesConfig, itk_infer: ItkInferResource
+) -> MaterializeResult:
+    import pandas as pd
+
+    output_root = itk_infer.output_path()
+    folders: set[str] = set()
+    for key in context.instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME):
+        try:
+            folders.add(key_folder(key))
+        except PartitionKeyError:
+            continue
+    tables: dict[str, dict] = {}
+    lowest: list[tuple[float, str]] = []
+    unchanged = 0
+    for folder in sorted(folders):
+        layout = OutputLayout(output_root.joinpath(*folder.split("/")) if folder else output_root)
+        if not layout.records_folder.is_dir():
+            continue
+        before = _records_mtime_ns(layout)
+        if (not config.rebuild_all and layout.confidences.exists()
+                and layout.confidences.stat().st_mtime_ns == before):
+            unchanged += 1
+            continue
+        path = write_confidences(layout.folder)
+        # Stamp the table with the records' state it was built from: a record published while
+        # we read makes the folder newer than the table, so the next run rebuilds it.
+        os.utime(path, ns=(time.time_ns(), before))
+        frame = pd.read_excel(path, sheet_name="Confidences")
+        prefix = f"{folder}/" if folder else ""
+        lowest.extend((float(c), prefix + str(n)) for n, c in
+                      zip(frame["Case"], frame["Confidence"], strict=True))
+        tables[folder or "."] = {"path": str(path), "rows": len(frame)}
+    lowest.sort()
+    rows = "\n".join(f"| {name} | {conf:.4f} |" for conf, name in lowest[:20])
+    summary = ("| case | confidence |\n|---|---|\n" + rows) if rows else "no table rebuilt"
+    return MaterializeResult(metadata={
+        "tables": MetadataValue.json(tables),
+        "rebuilt": MetadataValue.int(len(tables)),
+        "unchanged": MetadataValue.int(unchanged),
+        "rows_rebuilt": MetadataValue.int(sum(t["rows"] for t in tables.values())),
+        "lowest_confidences": MetadataValue.md(summary),
+        "folders": MetadataValue.int(len(folders)),
+    })

@@ -1,0 +1,84 @@
+"""The code location: the one ``Definitions`` (``defs``) with the assets, the job the folder
+sensor starts, the sensors and the ``itk_infer`` resource filled from the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    define_asset_job,
+    in_process_executor,
+)
+
+from itk_infer.errors import UsageError
+from itk_infer_assets.assets import (
+    CONFIDENCES,
+    K8S_GPU_CONFIG,
+    LOGITS,
+    SEGMENTATION,
+    confidences,
+    itk_infer_inference,
+)
+from itk_infer_assets.resources import resource_from_env
+from itk_infer_assets.sensors import build_folder_sensor
+
+# Sensor knobs, read when the code location loads (they shape definitions, not runs).
+SENSOR_INTERVAL_ENV = "ITK_INFER_SENSOR_INTERVAL"  # seconds between ticks (default 30)
+SENSOR_SETTLE_ENV = "ITK_INFER_SENSOR_SETTLE"  # a file this recent waits a tick (default 5)
+
+
+def _env_number(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r}: expected a number of seconds") from None
+    if value < 0:
+        raise UsageError(f"{name}={text!r}: must be >= 0")
+    return value
+
+
+# Run-level GPU request for run launchers that start one container per run (Kubernetes).
+RUN_TAGS = {"dagster-k8s/config": json.dumps(K8S_GPU_CONFIG)}
+
+inference_job = define_asset_job(
+    "itk_infer_inference_job",
+    selection=AssetSelection.assets(SEGMENTATION, LOGITS),
+    tags=RUN_TAGS,
+    description="Segmentation (and logits) of images partitions; started by the folder sensor.",
+)
+
+_interval = max(1, int(_env_number(SENSOR_INTERVAL_ENV, 30)))
+
+image_folder_sensor = build_folder_sensor(
+    inference_job,
+    minimum_interval_seconds=_interval,
+    settle_seconds=_env_number(SENSOR_SETTLE_ENV, 5.0),
+    run_tags=RUN_TAGS,
+)
+
+confidences_automation = AutomationConditionSensorDefinition(
+    "itk_infer_automation",
+    target=AssetSelection.assets(CONFIDENCES),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=_interval,
+    description="Rebuilds confidences.xlsx after new segmentations.",
+)
+
+# A run is essentially one step (the GPU inference), so steps run inside the run's process:
+# no second interpreter (and torch import) per run. A Kubernetes deployment that wants a pod
+# per step swaps in `dagster_k8s.k8s_job_executor` here.
+defs = Definitions(
+    assets=[itk_infer_inference, confidences],
+    jobs=[inference_job],
+    sensors=[image_folder_sensor, confidences_automation],
+    resources={"itk_infer": resource_from_env()},
+    executor=in_process_executor,
+)
