@@ -25,10 +25,18 @@ def resolve_device(requested: str, gpu_index: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def load_backend(spec: ModelSpec, device: torch.device, fp16: bool = False) -> Backend:
+def load_backend(
+    spec: ModelSpec,
+    device: torch.device,
+    fp16: bool = False,
+    *,
+    intra_op_threads: int | None = None,
+) -> Backend:
     """Load the model described by ``spec`` onto ``device``.
 
     ``fp16`` only takes effect on CUDA; on the CPU it is ignored with one warning.
+    ``intra_op_threads`` caps the CPU threads of one ONNX Runtime session (None: its default,
+    all cores); torch-based backends follow ``torch.set_num_threads`` instead.
 
     Raises:
         ModelError: missing files or a model that does not fit the contract.
@@ -39,7 +47,12 @@ def load_backend(spec: ModelSpec, device: torch.device, fp16: bool = False) -> B
     if spec.backend == "onnx":
         from itk_infer.backends.onnx import OnnxBackend
 
-        return OnnxBackend(spec.onnx_path, device=device, fp16=fp16)  # type: ignore[arg-type]
+        return OnnxBackend(
+            spec.onnx_path,  # type: ignore[arg-type]
+            device=device,
+            fp16=fp16,
+            intra_op_threads=intra_op_threads,
+        )
     from itk_infer.backends.mmengine import MMEngineBackend
 
     return MMEngineBackend(

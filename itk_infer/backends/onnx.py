@@ -44,7 +44,14 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, path: Path, device: torch.device, fp16: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: torch.device,
+        fp16: bool = False,
+        *,
+        intra_op_threads: int | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         self.path = require_file(path, "ONNX model (--onnx)")
@@ -52,6 +59,9 @@ class OnnxBackend:
         source = self.path.name
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if intra_op_threads is not None:
+            # Several CPU workers share the cores: each gets its own slice, not all of them.
+            options.intra_op_num_threads = max(1, int(intra_op_threads))
         if device.type == "cuda":
             providers: list = [
                 ("CUDAExecutionProvider", {"device_id": device.index or 0}),

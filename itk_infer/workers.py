@@ -1,0 +1,459 @@
+"""Worker processes: each loads the model once and takes cases from the parent's queue,
+largest first; a worker that dies loses only the case in its model, and is replaced.
+
+The parent is the queue. Each worker has its own pipe to it and asks for one case at a time,
+so a worker killed mid-message can only break its own pipe, never a lock shared with the
+others (a ``multiprocessing.Queue`` can be left locked by a killed reader). The parent also
+knows which cases each worker holds, and in which phase, which is what lets it blame the
+right case when a worker dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import torch
+
+from itk_infer import errors
+from itk_infer.cases import Case, OutputLayout
+from itk_infer.config import RunSettings
+from itk_infer.errors import ItkInferError
+from itk_infer.locks import remove_stale_locks
+from itk_infer.records import CaseOutcome
+from itk_infer.runner import Progress, available_cores, remove_temporaries
+
+log = logging.getLogger(__name__)
+
+# A worker gets this many tries to load its model before its slot is given up.
+STARTUP_TRIES = 2
+# A case that was in the pipeline (reading or writing, not in the model) of this many dying
+# workers is failed instead of being handed out again.
+MAX_ATTEMPTS = 2
+# Seconds a worker gets to exit after SIGTERM before it is killed.
+STOP_GRACE_S = 5.0
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``worker exited with signal 9 (SIGKILL)`` / ``worker exited with code 1``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = f" ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            name = ""
+        return f"worker exited with signal {-exitcode}{name}"
+    return f"worker exited with code {exitcode}"
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class _Channel:
+    """The worker's end of its pipe; sends may come from the reader/writer threads (logs)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            self.conn.send(message)
+
+    def request(self, message: tuple) -> tuple:
+        with self._lock:
+            self.conn.send(message)
+        return self.conn.recv()  # only the worker's main thread ever receives
+
+
+class _ForwardLogs(logging.Handler):
+    """Hands log records to the parent, which prints them (through its bars, if any)."""
+
+    def __init__(self, channel: _Channel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.channel.send(("log", record.levelno, record.name, record.getMessage()))
+        except Exception:  # the parent is gone; nothing left to tell
+            pass
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this worker if the parent dies, so no orphan keeps a GPU busy."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _limit_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    with contextlib.suppress(Exception):
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def worker_main(
+    slot: int,
+    conn: Connection,
+    settings: RunSettings,
+    gpu_index: int,
+    threads: int | None,
+    log_level: int,
+    parent_pid: int,
+) -> None:
+    """Entry point of a worker process (spawned): load the model, then run cases until the
+    parent says stop."""
+    # Ctrl-C reaches the whole process group; the parent alone decides how workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+    channel = _Channel(conn)
+    root = logging.getLogger("itk_infer")
+    root.handlers[:] = [_ForwardLogs(channel)]
+    root.setLevel(log_level)
+    root.propagate = False
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+
+    from itk_infer.backends import load_backend, resolve_device
+    from itk_infer.pipeline import case_settings, resolve_inference_settings
+    from itk_infer.runner import process_cases
+
+    try:
+        if threads is not None:
+            _limit_threads(threads)
+        device = resolve_device(settings.device, gpu_index=gpu_index)
+        backend = load_backend(
+            settings.model, device, fp16=settings.fp16,
+            intra_op_threads=threads if device.type == "cpu" else None,
+        )
+        inference = resolve_inference_settings(settings.overrides, backend, settings.fp16)
+        channel.send(("ready", backend.fingerprint, case_settings(backend, inference),
+                      str(backend.device)))
+    except Exception as error:
+        kind = type(error).__name__ if isinstance(error, ItkInferError) else ""
+        text = str(error) if kind else f"{type(error).__name__}: {error}"
+        with contextlib.suppress(Exception):
+            channel.send(("fatal", kind, text))
+        return
+
+    def next_case() -> Case | None:
+        reply = channel.request(("next",))
+        return reply[1] if reply[0] == "case" else None
+
+    try:
+        process_cases(
+            next_case, backend, inference, settings=settings,
+            layout=OutputLayout(settings.output_folder),
+            report=lambda outcome: channel.send(("outcome", outcome)),
+            phase=lambda case, phase: channel.send(("phase", case.name, phase)),
+        )
+        channel.send(("bye",))
+    except (EOFError, OSError):  # the parent is gone: stop quietly
+        return
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+@dataclass
+class ParallelResult:
+    """What the workers did, and which model they ran (to tell done from stale cases)."""
+
+    outcomes: list[CaseOutcome] = field(default_factory=list)
+    fingerprint: str = ""
+    described: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Worker:
+    slot: int
+    process: BaseProcess
+    conn: Connection
+    held: dict[str, tuple[Case, str]] = field(default_factory=dict)  # name → (case, phase)
+    ready: bool = False
+    stopping: bool = False  # told that the queue is empty
+    open: bool = True  # the pipe has not reached EOF
+
+
+def _error_from_worker(kind: str, text: str) -> ItkInferError:
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, ItkInferError):
+        return cls(text)
+    return ItkInferError(f"a worker could not load the model: {text}")
+
+
+def _largest_first(case: Case) -> tuple[int, str]:
+    try:
+        size = case.path.stat().st_size
+    except OSError:
+        size = 0
+    return (-size, case.name)
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker without its leak warning.
+
+    numcodecs' Blosc makes a multiprocessing lock in each worker; a worker that is killed
+    cannot unregister it, so the tracker removes it at the end and warns about a "leaked
+    semaphore" that it has just cleaned up. The tracker takes its -W options from
+    ``sys.warnoptions`` when it starts, hence the short-lived entry.
+    """
+    from multiprocessing import resource_tracker
+
+    option = "ignore:resource_tracker:UserWarning"
+    sys.warnoptions.append(option)
+    try:
+        resource_tracker.ensure_running()
+    except Exception:  # only cosmetics are at stake
+        pass
+    finally:
+        sys.warnoptions.remove(option)
+
+
+class _Pool:
+    def __init__(self, todo: list[Case], settings: RunSettings, layout: OutputLayout,
+                 workers: int, device: torch.device) -> None:
+        self.settings, self.layout = settings, layout
+        self.queue: deque[Case] = deque(sorted(todo, key=_largest_first))
+        self.slots = min(workers, len(self.queue))
+        self.gpus = max(1, settings.gpus) if device.type == "cuda" else 1
+        self.threads = max(1, available_cores() // self.slots)
+        self.ctx = get_context("spawn")
+        self.workers: dict[int, _Worker] = {}
+        self.result = ParallelResult()
+        self.attempts: Counter[str] = Counter()
+        self.startup_failures: Counter[int] = Counter()
+        self.restarts_left = len(todo) + self.slots
+        self.any_ready = False
+        self.seen_logs: set[tuple[int, str]] = set()
+        self.progress = Progress(len(todo), self.slots, settings.progress)
+        where = f"{self.gpus} GPU(s)" if device.type == "cuda" else "the CPU"
+        log.info("%d worker processes on %s, %d CPU thread(s) each, %d case(s) to run",
+                 self.slots, where, self.threads, len(todo))
+
+    # ---- lifecycle
+
+    def start(self, slot: int) -> None:
+        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        process = self.ctx.Process(
+            target=worker_main,
+            args=(slot, child_conn, self.settings, slot % self.gpus, self.threads,
+                  logging.getLogger("itk_infer").getEffectiveLevel(), os.getpid()),
+            name=f"itk_infer-worker-{slot}",
+            daemon=True,
+        )
+        # Start with SIGINT ignored: the child inherits that across exec, so a Ctrl-C while
+        # it imports cannot kill it halfway; the parent stops workers itself.
+        previous = None
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        child_conn.close()  # so the parent sees EOF when the worker dies
+        self.workers[slot] = _Worker(slot, process, parent_conn)
+        self.progress.idle(slot, "loading the model")
+
+    def stop_all(self) -> None:
+        """Stop every worker now (interrupt or fatal error) and clear their temporaries."""
+        for worker in self.workers.values():
+            if worker.process.is_alive():
+                worker.process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for worker in self.workers.values():
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+        self.workers.clear()
+        remove_temporaries(self.layout)
+        remove_stale_locks(self.layout)
+
+    def run(self) -> ParallelResult:
+        try:
+            _quiet_resource_tracker()
+            for slot in range(self.slots):
+                self.start(slot)
+            while self.workers:
+                self.step()
+            while self.queue:  # only when workers kept dying
+                case = self.queue.popleft()
+                self.fail(case.name, "not run: worker processes kept dying", None)
+        except BaseException:
+            self.stop_all()
+            raise
+        finally:
+            self.progress.close()
+        remove_temporaries(self.layout)
+        return self.result
+
+    def step(self) -> None:
+        by_handle: dict[Any, _Worker] = {}
+        for worker in self.workers.values():
+            if worker.open:
+                by_handle[worker.conn] = worker
+            by_handle[worker.process.sentinel] = worker
+        for handle in wait(list(by_handle)):
+            worker = by_handle[handle]
+            if worker.slot not in self.workers or self.workers[worker.slot] is not worker:
+                continue  # already handled this round
+            if handle is worker.conn:
+                self.drain(worker)
+            else:
+                self.drain(worker)
+                self.exited(worker)
+
+    # ---- messages
+
+    def drain(self, worker: _Worker) -> None:
+        while worker.open:
+            try:
+                if not worker.conn.poll():
+                    return
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                worker.open = False
+                return
+            self.handle(worker, message)
+
+    def send(self, worker: _Worker, message: tuple) -> None:
+        try:
+            worker.conn.send(message)
+        except OSError:
+            pass  # it died; its exit is handled when its sentinel fires
+
+    def handle(self, worker: _Worker, message: tuple) -> None:
+        kind = message[0]
+        if kind == "next":
+            if self.queue:
+                case = self.queue.popleft()
+                worker.held[case.name] = (case, "queued")
+                self.send(worker, ("case", case))
+            else:
+                worker.stopping = True
+                self.send(worker, ("stop",))
+        elif kind == "phase":
+            name, phase = message[1], message[2]
+            if name in worker.held:
+                worker.held[name] = (worker.held[name][0], phase)
+            self.progress.phase(worker.slot, name, phase)
+        elif kind == "outcome":
+            outcome: CaseOutcome = message[1]
+            worker.held.pop(outcome.case, None)
+            self.result.outcomes.append(outcome)
+            self.progress.done(outcome, worker.slot)
+        elif kind == "log":
+            level, name, text = message[1], message[2], message[3]
+            # Every worker loads the same model: say each of its warnings once.
+            if level >= logging.WARNING:
+                if (level, text) in self.seen_logs:
+                    return
+                self.seen_logs.add((level, text))
+            logging.getLogger(name).log(level, "%s", text)
+        elif kind == "ready":
+            worker.ready = self.any_ready = True
+            self.startup_failures[worker.slot] = 0
+            if not self.result.fingerprint:
+                self.result.fingerprint, self.result.described = message[1], message[2]
+            self.progress.idle(worker.slot, f"ready on {message[3]}")
+        elif kind == "fatal":
+            raise _error_from_worker(message[1], message[2])
+        elif kind == "bye":
+            self.progress.idle(worker.slot, "finished")
+
+    # ---- deaths
+
+    def exited(self, worker: _Worker) -> None:
+        worker.process.join()
+        worker.conn.close()
+        del self.workers[worker.slot]
+        code = worker.process.exitcode
+        if code == 0 and not worker.held:
+            # A clean exit. Deaths elsewhere may have put cases back in the queue after this
+            # worker was told to stop; they need a worker if no other one takes cases.
+            if self.queue and not any(not w.stopping for w in self.workers.values()):
+                self.replace(worker.slot, "finished")
+            else:
+                self.progress.idle(worker.slot, "finished")
+            return
+        cause = describe_exit(code)
+        # Its temporaries (half-written outputs) and lock files would otherwise wait for the
+        # next run; the kernel has already dropped its locks.
+        remove_temporaries(self.layout)
+        remove_stale_locks(self.layout)
+        if not worker.ready:
+            self.startup_failures[worker.slot] += 1
+            log.warning("worker %d died while loading the model: %s", worker.slot, cause)
+        in_model = [case.name for case, phase in worker.held.values() if phase == "model"]
+        if worker.held:
+            log.error("worker %d: %s while running %s", worker.slot, cause,
+                      ", ".join(in_model) or "no case in the model")
+        for case, phase in worker.held.values():
+            self.attempts[case.name] += 1
+            if phase == "model" or self.attempts[case.name] >= MAX_ATTEMPTS:
+                # The case in the model is the likely culprit (a crash or an out-of-memory
+                # kill); the others in its pipeline (reading, writing) get one more try.
+                self.fail(case.name, cause, worker.slot)
+            else:
+                log.warning("%s (was %s by worker %d) goes back in the queue", case.name,
+                            "read" if phase in ("queued", "read") else "written", worker.slot)
+                self.queue.appendleft(case)
+        if self.queue:
+            self.replace(worker.slot, cause)
+        else:
+            self.progress.idle(worker.slot, cause)
+
+    def fail(self, name: str, cause: str, slot: int | None) -> None:
+        outcome = CaseOutcome(name, "failed", reason=cause)
+        self.result.outcomes.append(outcome)
+        self.progress.done(outcome, slot)
+
+    def replace(self, slot: int, cause: str) -> None:
+        if self.startup_failures[slot] >= STARTUP_TRIES or self.restarts_left <= 0:
+            self.progress.idle(slot, f"given up: {cause}")
+            if not self.workers and not self.any_ready:
+                raise ItkInferError(f"worker processes could not start: {cause}")
+            return  # the others carry on with the queue; run() fails what nobody ran
+        self.restarts_left -= 1
+        log.info("starting a replacement for worker %d", slot)
+        self.start(slot)
+
+
+def run_parallel(
+    todo: list[Case],
+    settings: RunSettings,
+    layout: OutputLayout,
+    workers: int,
+    device: torch.device,
+) -> ParallelResult:
+    """Run ``todo`` in ``min(workers, len(todo))`` spawned worker processes.
+
+    Worker k runs on GPU ``k mod --gpus`` among the visible CUDA devices, or on the CPU with
+    its share of the cores.
+
+    Raises:
+        UsageError: the workers cannot use the model (reported by the first to try).
+        ItkInferError: no worker process could start.
+        KeyboardInterrupt: workers are stopped and their temporaries removed first.
+    """
+    return _Pool(todo, settings, layout, workers, device).run()
