@@ -11,7 +11,7 @@ import torch
 
 from itk_infer.atomic import publish, remove_path, temporary_path
 from itk_infer.config import Triple
-from itk_infer.engine import Sink, Slab, label_dtype
+from itk_infer.engine import Sink, Slab, label_dtype, labels_from_logits
 from itk_infer.records import output_size
 
 FLOAT16_MAX = 65504.0
@@ -99,7 +99,8 @@ def logits_to_float16(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     if half.shape[0] == 1:
         bad = (labels == 1) & (half[0] <= 0)
     else:
-        bad = torch.argmax(half, dim=0) != labels.long()
+        # Same first-wins rule as torch.argmax, several times faster on the CPU.
+        bad = labels_from_logits(half).long() != labels.long()
     stored = half.cpu().numpy()
     if not bool(bad.any()):
         return stored
