@@ -85,6 +85,19 @@ def case_settings(backend: Backend, settings: InferenceSettings) -> dict[str, An
     return {"backend": backend.name, **settings.describe()}
 
 
+def complete_record(layout: OutputLayout, case: Case, outputs: OutputOptions) -> CaseRecord | None:
+    """The case's record when every output the run asks for exists intact under it, whatever
+    model made it; else ``None``."""
+    record = read_record(layout.record(case))
+    if record is None or not outputs_intact(layout, record):
+        return None
+    if outputs.save_logits and "logits" not in record.outputs:
+        return None
+    if outputs.save_conf and record.confidence is None:
+        return None
+    return record
+
+
 def case_status(
     layout: OutputLayout,
     case: Case,
@@ -93,12 +106,8 @@ def case_status(
     outputs: OutputOptions,
 ) -> str:
     """``"todo"``, ``"done"`` or ``"stale"`` (complete, but made by another model/settings)."""
-    record = read_record(layout.record(case))
-    if record is None or not outputs_intact(layout, record):
-        return "todo"
-    if outputs.save_logits and "logits" not in record.outputs:
-        return "todo"
-    if outputs.save_conf and record.confidence is None:
+    record = complete_record(layout, case, outputs)
+    if record is None:
         return "todo"
     recorded = {k: v for k, v in record.settings.items() if k != "device"}  # not in the numbers
     if record.model_fingerprint != fingerprint or recorded != settings:

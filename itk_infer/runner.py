@@ -27,6 +27,7 @@ from itk_infer.pipeline import (
     LoadedCase,
     case_settings,
     case_status,
+    complete_record,
     infer_case,
     load_case,
     resolve_inference_settings,
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 # Reasons given with "skipped" outcomes; a complete, up-to-date case is skipped with no reason.
 SKIP_IN_PROGRESS = "in progress in another run"
 SKIP_STALE = "complete, but made by another model or settings (--overwrite redoes it)"
-# Fingerprint no model can have: case_status then says "todo" only for incomplete outputs.
-_NO_MODEL = "\0no-model"
 
 Report = Callable[[CaseOutcome], None]
 Phase = Callable[[Case, str], None]
@@ -80,7 +79,7 @@ def is_complete(layout: OutputLayout, case: Case, settings: RunSettings) -> bool
     Needs no model: a complete case is skipped either way (done or stale), the model only
     tells which of the two it is.
     """
-    return case_status(layout, case, _NO_MODEL, {}, settings.outputs) != "todo"
+    return complete_record(layout, case, settings.outputs) is not None
 
 
 class Progress:

@@ -104,8 +104,7 @@ def logits_to_float16(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     stored = half.cpu().numpy()
     if not bool(bad.any()):
         return stored
-    # The few voxels to fix are mended in numpy on the host: torch has no float16 nextafter
-    # on CUDA before 2.6.
+    # The few voxels to fix are mended in numpy on the host, after the copy that is made anyway.
     bad_np = bad.cpu().numpy()
     if stored.shape[0] == 1:
         stored[0][bad_np] = np.finfo(np.float16).smallest_normal
