@@ -157,7 +157,7 @@ def weight_profile(padded_yx: tuple[int, int], patch: Triple, stride_yx: tuple[i
         for x in axis_starts(padded_yx[1], px, stride_yx[1]):
             profile[:, y : y + py, x : x + px] += weight
     if not profile.min() > 0:
-        raise AssertionError("the window grid leaves voxels uncovered")
+        raise RuntimeError("the window grid leaves voxels uncovered")
     return torch.from_numpy(profile)
 
 
