@@ -297,42 +297,43 @@ command -v itk_infer >/dev/null || fail "itk_infer is not installed on the host 
 # ones in Dagster's instance and in ITK_INFER_* variables included) means the same file on
 # both sides. Output folders are writable by the image's non-root user.
 DATA=$WORK/data
-mkdir -p "$DATA/images" "$DATA/host-out" "$DATA/cli-out" "$DATA/dagster-out"
+mkdir -p "$DATA/images" "$DATA/dagster-out"
 cp "$DEMO/model.onnx" "$DATA/model.onnx"
 cp -r "$DEMO/images/." "$DATA/images/"
 chmod 0755 "$WORK" "$DATA"
-chmod 0777 "$DATA/cli-out" "$DATA/dagster-out"
+chmod 0777 "$DATA/dagster-out"
 mapfile -t names < <(cd "$DATA/images" && ls | grep -E '\.(mha|nii|nii\.gz)$' | sort)
 [ "${#names[@]}" -gt 0 ] || fail "no images in $DEMO/images"
 log "${#names[@]} images: ${names[*]}"
-cli_args=(--onnx "$DATA/model.onnx" --device cpu --no-progress)
-itk_infer -i "$DATA/images" -o "$DATA/host-out" "${cli_args[@]}" >"$WORK/host-cli.log" 2>&1 \
-    || { show_tail "$WORK/host-cli.log" 30; fail "itk_infer on the host"; }
-docker run --rm --network host --label "itk_infer-ci=$CI_ID" -v "$DATA:$DATA" "$IMAGE" \
-    itk_infer -i "$DATA/images" -o "$DATA/cli-out" "${cli_args[@]}" >"$WORK/container-cli.log" 2>&1 \
-    || { show_tail "$WORK/container-cli.log" 30; fail "itk_infer in the container"; }
-tail -n 2 "$WORK/container-cli.log" | sed 's/^/  container: /'
-"$PY" "$REPO/tests/container/ci_helper.py" compare "$DATA/host-out" "$DATA/cli-out" "${names[@]}" \
-    || fail "the container's label maps differ from the host's"
+# Runs itk_infer with the given flags on the host and in the container, into $DATA/<tag>-host
+# and $DATA/<tag>-container, and checks the container's label maps equal the host's.
+same_on_host_and_container() {
+    local tag=$1 what=$2
+    shift 2
+    local host_out=$DATA/$tag-host container_out=$DATA/$tag-container
+    mkdir -p "$host_out" "$container_out"
+    chmod 0777 "$container_out"
+    itk_infer -i "$DATA/images" -o "$host_out" "$@" >"$WORK/$tag-host.log" 2>&1 \
+        || { show_tail "$WORK/$tag-host.log" 30; fail "itk_infer ($what) on the host"; }
+    docker run --rm --network host --label "itk_infer-ci=$CI_ID" -v "$DATA:$DATA" "$IMAGE" \
+        itk_infer -i "$DATA/images" -o "$container_out" "$@" >"$WORK/$tag-container.log" 2>&1 \
+        || { show_tail "$WORK/$tag-container.log" 30; fail "itk_infer ($what) in the container"; }
+    tail -n 1 "$WORK/$tag-container.log" | sed "s/^/  container ($what): /"
+    "$PY" "$REPO/tests/container/ci_helper.py" compare "$host_out" "$container_out" "${names[@]}" \
+        || fail "the container's label maps ($what) differ from the host's"
+}
+same_on_host_and_container onnx onnx --onnx "$DATA/model.onnx" --device cpu --no-progress
 # The MMEngine backend too (torch, mmengine and OpenCV in the image), when the demo has its
 # checkpoint. Its config imports the `examples` package two folders above it.
 if [ -f "$DEMO/mmengine_config.py" ] && [ -f "$DEMO/mmengine_checkpoint.pth" ] \
         && [ -f "$DEMO/../mmengine_model.py" ]; then
     mm=$DATA/mm/examples
-    mkdir -p "$mm/demo" "$DATA/host-mm-out" "$DATA/cli-mm-out"
-    chmod 0777 "$DATA/cli-mm-out"
+    mkdir -p "$mm/demo"
     cp "$DEMO"/../*.py "$mm/"
     cp "$DEMO/mmengine_config.py" "$DEMO/mmengine_checkpoint.pth" "$mm/demo/"
-    mm_args=(--backend mmengine -cfg "$mm/demo/mmengine_config.py"
-             -ckpt "$mm/demo/mmengine_checkpoint.pth" --device cpu --no-progress)
-    itk_infer -i "$DATA/images" -o "$DATA/host-mm-out" "${mm_args[@]}" >"$WORK/host-mm.log" 2>&1 \
-        || { show_tail "$WORK/host-mm.log" 30; fail "itk_infer --backend mmengine on the host"; }
-    docker run --rm --network host --label "itk_infer-ci=$CI_ID" -v "$DATA:$DATA" "$IMAGE" \
-        itk_infer -i "$DATA/images" -o "$DATA/cli-mm-out" "${mm_args[@]}" >"$WORK/container-mm.log" 2>&1 \
-        || { show_tail "$WORK/container-mm.log" 30; fail "itk_infer --backend mmengine in the container"; }
-    tail -n 1 "$WORK/container-mm.log" | sed 's/^/  container (mmengine): /'
-    "$PY" "$REPO/tests/container/ci_helper.py" compare "$DATA/host-mm-out" "$DATA/cli-mm-out" "${names[@]}" \
-        || fail "the container's MMEngine label maps differ from the host's"
+    same_on_host_and_container mm mmengine --backend mmengine \
+        -cfg "$mm/demo/mmengine_config.py" -ckpt "$mm/demo/mmengine_checkpoint.pth" \
+        --device cpu --no-progress
 else
     log "no MMEngine demo checkpoint in $DEMO: MMEngine backend not checked"
 fi
@@ -381,7 +382,7 @@ log "launched run $run_id (${#names[@]} partitions)"
 "$PY" "$REPO/tests/container/ci_helper.py" wait-run "$run_id" --timeout "$RUN_TIMEOUT" \
     --materializations "$((2 * ${#names[@]}))" \
     || fail "the DockerRunLauncher run did not succeed"
-"$PY" "$REPO/tests/container/ci_helper.py" compare "$DATA/host-out" "$DATA/dagster-out" "${names[@]}" \
+"$PY" "$REPO/tests/container/ci_helper.py" compare "$DATA/onnx-host" "$DATA/dagster-out" "${names[@]}" \
     || fail "the Dagster run's label maps differ from the host's"
 
 log "done: $STEP_NAME ($((SECONDS - STEP_START)) s)"
