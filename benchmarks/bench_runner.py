@@ -78,15 +78,15 @@ def bare_forward_seconds(folder: Path, model: Path, stride: list[int] | None,
     """Seconds inside the model over the engine's windows of every case; windows; calls."""
     import torch
 
-    from itk_infer.backends import load_backend, resolve_device
+    from itk_infer.backends import resolve_device
     from itk_infer.cases import discover_cases
-    from itk_infer.config import ModelSpec, Overrides
+    from itk_infer.config import Settings
     from itk_infer.grid import padded_shape, plan_windows
-    from itk_infer.pipeline import load_case, resolve_inference_settings
+    from itk_infer.pipeline import load_case, load_model
 
     device = resolve_device(device_name)
-    backend = load_backend(ModelSpec(backend="onnx", onnx_path=model), device)
-    inference = resolve_inference_settings(Overrides(patch_stride=stride), backend)
+    loaded = load_model(Settings(backend="onnx", onnx_path=model, patch_stride=stride), device)
+    backend, inference = loaded.backend, loaded.inference
     sliding = inference.sliding
     batch_size = backend.static_batch_size or sliding.batch_size
     pad_batches = backend.static_batch_size is not None or device.type == "cuda"

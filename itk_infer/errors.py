@@ -21,9 +21,3 @@ class ModelError(UsageError):
 
 class CaseError(ItkInferError):
     """One case failed (unreadable image, wrong dimension, model failure); the batch goes on."""
-
-
-class InterruptedRun(ItkInferError):
-    """The run was stopped by a signal; rerunning resumes where it stopped."""
-
-    exit_code = 130

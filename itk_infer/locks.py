@@ -31,10 +31,6 @@ class CaseLock:
         self.path = path
         self._fd: int | None = fd
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def release(self) -> None:
         """Remove the lock file and drop the lock; safe to call twice."""
         if self._fd is None:
@@ -45,12 +41,6 @@ class CaseLock:
             os.unlink(self.path)
         os.close(self._fd)
         self._fd = None
-
-    def __enter__(self) -> CaseLock:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.release()
 
 
 def try_lock(layout: OutputLayout, case: Case) -> CaseLock | None:

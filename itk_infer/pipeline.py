@@ -1,5 +1,7 @@
 """One case, step by step: read → reorient (LPI) → window → sliding window → sinks → atomic
-writes → record. The only module that knows the order of the steps."""
+writes → record. The only module that knows the order of the steps, and the home of the
+public per-case API: :func:`load_model` once, then :func:`predict_case` per case (or the
+pipelined loop of :mod:`itk_infer.caseloop`, which runs the same three steps)."""
 
 from __future__ import annotations
 
@@ -9,80 +11,101 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from itk_infer import __version__
+from itk_infer.backends import load_backend
 from itk_infer.backends.base import Backend
 from itk_infer.cases import Case, OutputLayout
-from itk_infer.config import (
-    InferenceSettings,
-    OutputOptions,
-    Overrides,
-    SlidingWindowSettings,
-    WindowSettings,
-    as_triple,
-)
+from itk_infer.config import InferenceSettings, OutputOptions, Settings, WindowSettings, as_triple
 from itk_infer.engine import EngineStats, run_sliding_window
 from itk_infer.errors import ModelError, UsageError
 from itk_infer.imageio import Geometry, read_volume, write_label_map
-from itk_infer.records import CaseRecord, outputs_intact, read_record, write_record
+from itk_infer.records import CaseOutcome, CaseRecord, outputs_intact, read_record, write_record
 from itk_infer.sinks import ConfidenceSink, LabelSink, LogitsSink
 from itk_infer.window import apply_window
 
 log = logging.getLogger(__name__)
 
 
-def resolve_inference_settings(
-    overrides: Overrides, backend: Backend, fp16: bool = False
-) -> InferenceSettings:
+def resolve_inference_settings(settings: Settings, backend: Backend) -> InferenceSettings:
     """Merge the user's values over the model's defaults, field by field.
 
     Patch size: ``--patch-size``, else ``inference_config.patch_size``, else the model's static
     input shape. Stride: ``--patch-stride``, else ``inference_config.patch_stride``, else half
     the patch. Window: ``--wl``/``--ww``, else the model's ``window_level``/``window_width``.
+    ``--fp16`` holds only where the backend runs in half precision (CUDA).
 
     Raises:
-        UsageError: no window anywhere, or a stride larger than the patch.
-        ModelError: a requested patch that contradicts the model's static input shape.
+        UsageError: no window anywhere.
+        ModelError: a model default that breaks the schema's checks (a stride larger than
+            the patch, say), or a patch that contradicts the model's static input shape.
     """
     defaults = backend.defaults
     config = dict(defaults.inference_config)
     source = f"{backend.name} model"
-    level = overrides.window_level if overrides.window_level is not None else defaults.window_level
-    width = overrides.window_width if overrides.window_width is not None else defaults.window_width
+    level = settings.window_level if settings.window_level is not None else defaults.window_level
+    width = settings.window_width if settings.window_width is not None else defaults.window_width
     if level is None or width is None:
         raise UsageError(
             f"The {source} carries no intensity window (window_level/window_width): "
             "this model requires --wl/--ww"
         )
-    window = WindowSettings(float(level), float(width))
     try:
         config_patch = as_triple(config.get("patch_size"), "inference_config.patch_size")
         config_stride = as_triple(config.get("patch_stride"), "inference_config.patch_stride")
+        resolved = settings.replace(
+            window_level=float(level),
+            window_width=float(width),
+            patch_size=settings.patch_size or config_patch or backend.static_patch_size,
+            patch_stride=settings.patch_stride or config_stride,
+            fp16=settings.fp16 and backend.fp16,
+        )
     except UsageError as error:
         raise ModelError(f"{source}: {error}") from None
-    patch = overrides.patch_size or config_patch or backend.static_patch_size
+    patch = resolved.patch_size
     if backend.static_patch_size and patch and tuple(patch) != tuple(backend.static_patch_size):
         raise ModelError(
             f"patch size {list(patch)} differs from the model's static input shape "
             f"{list(backend.static_patch_size)}"
         )
-    stride = overrides.patch_stride or config_stride
-    batch = backend.static_batch_size or int(config.get("forward_batch_windows") or 1)
-    sliding = SlidingWindowSettings(
-        patch_size=patch,
-        patch_stride=stride,
-        batch_size=batch,
-        blend=overrides.blend,
+    return InferenceSettings(
+        resolved,
+        batch_size=backend.static_batch_size or int(config.get("forward_batch_windows") or 1),
         accumulate_device=config.get("accumulate_device"),
-        forward_device=config.get("forward_device"),
-        argmax_batchsize=config.get("argmax_batchsize"),
     )
-    return InferenceSettings(window=window, sliding=sliding, fp16=fp16 and backend.fp16)
 
 
-def case_settings(backend: Backend, settings: InferenceSettings) -> dict[str, Any]:
-    """The settings stored in records and compared on resume."""
-    return {"backend": backend.name, **settings.describe()}
+@dataclass
+class Model:
+    """A loaded model and the settings resolved against its defaults: what a face loads once
+    and keeps warm for all its cases."""
+
+    backend: Backend
+    inference: InferenceSettings
+
+    @property
+    def fingerprint(self) -> str:
+        return self.backend.fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        """The settings stored in records and compared on resume."""
+        return self.inference.describe()
+
+
+def load_model(
+    settings: Settings, device: torch.device, *, intra_op_threads: int | None = None
+) -> Model:
+    """Load the model ``settings`` name onto ``device`` and resolve the settings against it.
+
+    Raises:
+        UsageError: model files not named, or no intensity window anywhere.
+        ModelError: the model cannot be loaded or does not fit the tool's contract.
+    """
+    settings.require_model()
+    backend = load_backend(settings, device, fp16=settings.fp16,
+                           intra_op_threads=intra_op_threads)
+    return Model(backend, resolve_inference_settings(settings, backend))
 
 
 def complete_record(layout: OutputLayout, case: Case, outputs: OutputOptions) -> CaseRecord | None:
@@ -98,19 +121,19 @@ def complete_record(layout: OutputLayout, case: Case, outputs: OutputOptions) ->
     return record
 
 
-def case_status(
-    layout: OutputLayout,
-    case: Case,
-    fingerprint: str,
-    settings: dict[str, Any],
-    outputs: OutputOptions,
-) -> str:
+def case_status(layout: OutputLayout, case: Case, model: Model, outputs: OutputOptions) -> str:
     """``"todo"``, ``"done"`` or ``"stale"`` (complete, but made by another model/settings)."""
-    record = complete_record(layout, case, outputs)
+    return record_status(complete_record(layout, case, outputs), model.fingerprint,
+                         model.describe())
+
+
+def record_status(record: CaseRecord | None, fingerprint: str, described: dict[str, Any]) -> str:
+    """:func:`case_status` for a record already read (the parent of worker processes knows the
+    model only by its fingerprint and description)."""
     if record is None:
         return "todo"
     recorded = {k: v for k, v in record.settings.items() if k != "device"}  # not in the numbers
-    if record.model_fingerprint != fingerprint or recorded != settings:
+    if record.model_fingerprint != fingerprint or recorded != described:
         return "stale"
     return "done"
 
@@ -158,11 +181,7 @@ class InferredCase:
 
 
 def infer_case(
-    loaded: LoadedCase,
-    backend: Backend,
-    settings: InferenceSettings,
-    layout: OutputLayout,
-    outputs: OutputOptions,
+    loaded: LoadedCase, model: Model, layout: OutputLayout, outputs: OutputOptions
 ) -> InferredCase:
     """Run the sliding window; logits stream into a temporary zarr array if requested."""
     t0 = time.perf_counter()
@@ -170,26 +189,10 @@ def infer_case(
     confidence = ConfidenceSink() if outputs.save_conf else None
     logits = None
     if outputs.save_logits:
-        patch, stride = settings.sliding.resolved(loaded.voxels.shape)  # type: ignore[arg-type]
-        logits = LogitsSink(
-            layout.logits(loaded.case),
-            attributes={
-                **loaded.geometry.as_dict(),
-                "orientation": "LPI",
-                "axes": ["class", "z", "y", "x"],
-                "source_file": loaded.case.filename,
-                "window_level": settings.window.level,
-                "window_width": settings.window.width,
-                "patch_size": list(patch),
-                "patch_stride": list(stride),
-                "blend": settings.sliding.blend,
-                "model_fingerprint": backend.fingerprint,
-                "itk_infer_version": __version__,
-            },
-        )
+        logits = LogitsSink(layout.logits(loaded.case), _logits_attributes(loaded, model))
     sinks = [s for s in (labels, logits, confidence) if s is not None]
     try:
-        stats = run_sliding_window(loaded.voxels, backend, settings.sliding, sinks)
+        stats = run_sliding_window(loaded.voxels, model.backend, model.inference.sliding, sinks)
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -197,12 +200,51 @@ def infer_case(
     return InferredCase(loaded, labels, logits, confidence, stats, time.perf_counter() - t0)
 
 
-def write_case(
-    inferred: InferredCase,
-    backend: Backend,
-    settings: InferenceSettings,
-    layout: OutputLayout,
-) -> CaseRecord:
+def _logits_attributes(loaded: LoadedCase, model: Model) -> dict[str, Any]:
+    """What the zarr array says about itself: its grid and how it was made."""
+    inference = model.inference
+    patch, stride = inference.sliding.resolved(loaded.voxels.shape)  # type: ignore[arg-type]
+    return {
+        **loaded.geometry.as_dict(),
+        "orientation": "LPI",
+        "axes": ["class", "z", "y", "x"],
+        "source_file": loaded.case.filename,
+        "window_level": inference.window.level,
+        "window_width": inference.window.width,
+        "patch_size": list(patch),
+        "patch_stride": list(stride),
+        "blend": inference.sliding.blend,
+        "model_fingerprint": model.fingerprint,
+        "itk_infer_version": __version__,
+    }
+
+
+@dataclass
+class CaseResult:
+    """What happened to one case: the face-neutral answer of the per-case API.
+
+    ``record`` is set for a done case. ``labels`` (the LPI label map), ``image`` (the windowed
+    LPI input) and ``spacing_zyx`` are set only when the caller asked to keep the arrays
+    (previews, the inference server); otherwise they are dropped as soon as written.
+    """
+
+    case: Case
+    status: str  # "done", "skipped" or "failed"
+    reason: str = ""
+    seconds: float = 0.0
+    record: CaseRecord | None = None
+    labels: np.ndarray | None = None
+    image: np.ndarray | None = None
+    spacing_zyx: tuple[float, float, float] | None = None
+
+    def outcome(self) -> CaseOutcome:
+        """The summary line of this case (what crosses process boundaries)."""
+        confidence = self.record.confidence if self.record is not None else None
+        return CaseOutcome(self.case.name, self.status, reason=self.reason,
+                           seconds=self.seconds, confidence=confidence)
+
+
+def write_case(inferred: InferredCase, model: Model, layout: OutputLayout) -> CaseRecord:
     """Publish the outputs atomically, then the record (last: it marks the case complete)."""
     t0 = time.perf_counter()
     loaded, case = inferred.loaded, inferred.loaded.case
@@ -221,14 +263,13 @@ def write_case(
         if inferred.logits is not None:
             inferred.logits.abort()
         raise
-    write_seconds = time.perf_counter() - t0
     record = CaseRecord(
         case=case.name,
         input_path=str(case.path.resolve()),
         input_size=loaded.input_size,
         input_mtime=loaded.input_mtime,
-        model_fingerprint=backend.fingerprint,
-        settings=case_settings(backend, settings),
+        model_fingerprint=model.fingerprint,
+        settings={**model.describe(), "device": str(model.backend.device)},
         outputs=outputs,
         output_sizes=sizes,
         voxels_per_label={str(k): v for k, v in inferred.labels.voxel_counts().items()},
@@ -236,38 +277,52 @@ def write_case(
             "read": round(loaded.read_seconds, 4),
             "infer": round(inferred.infer_seconds, 4),
             "forward": round(inferred.stats.forward_seconds, 4),
-            "write": round(write_seconds, 4),
+            "write": round(time.perf_counter() - t0, 4),
         },
         confidence=inferred.confidence.confidence if inferred.confidence else None,
         num_classes=inferred.stats.num_classes,
         source_orientation=loaded.source_orientation,
     )
-    record.settings["device"] = str(backend.device)
     write_record(layout, case, record)
     return record
 
 
+def done_result(inferred: InferredCase, record: CaseRecord, started: float,
+                keep_arrays: bool) -> CaseResult:
+    """The result of a case whose outputs are published."""
+    loaded = inferred.loaded
+    result = CaseResult(loaded.case, "done", seconds=time.perf_counter() - started,
+                        record=record)
+    if keep_arrays:
+        result.labels, result.image = inferred.labels.labels, loaded.voxels
+        result.spacing_zyx = tuple(reversed(loaded.geometry.spacing_mm))  # type: ignore[assignment]
+    return result
+
+
 def predict_case(
     case: Case,
-    backend: Backend,
-    settings: InferenceSettings,
+    model: Model,
     layout: OutputLayout,
     outputs: OutputOptions | None = None,
-) -> CaseRecord:
-    """Run one case end to end and return its record.
+    *,
+    keep_arrays: bool = False,
+) -> CaseResult:
+    """Run one case end to end: read, infer, publish its outputs and record.
 
     Args:
         case: the input image.
-        backend: a loaded model (see :func:`itk_infer.load_backend`).
-        settings: resolved window and sliding-window settings.
+        model: a loaded model (see :func:`load_model`).
         layout: the output folder.
         outputs: optional outputs (logits, confidence); labels are always written.
+        keep_arrays: return the label map and the windowed input in the result.
 
     Raises:
         CaseError: the image cannot be used or the model fails on it.
     """
+    started = time.perf_counter()
     outputs = outputs or OutputOptions()
     layout.folder.mkdir(parents=True, exist_ok=True)
-    loaded = load_case(case, settings.window)
-    inferred = infer_case(loaded, backend, settings, layout, outputs)
-    return write_case(inferred, backend, settings, layout)
+    loaded = load_case(case, model.inference.window)
+    inferred = infer_case(loaded, model, layout, outputs)
+    record = write_case(inferred, model, layout)
+    return done_result(inferred, record, started, keep_arrays)

@@ -113,18 +113,23 @@ def read_all_records(folder: Path) -> list[CaseRecord]:
     return sorted((r for r in found if r is not None), key=lambda r: r.case)
 
 
-def write_confidences(folder: Path) -> Path:
-    """Build ``confidences.xlsx`` (sheet ``Confidences``: ``Case``, ``Confidence``) from every
-    record with a confidence in ``folder`` — cases of earlier runs included."""
+def confidence_rows(folder: Path) -> list[tuple[str, float]]:
+    """``(case, confidence)`` of every intact record with a confidence in ``folder``, by case
+    name — cases of earlier runs included."""
+    layout = OutputLayout(Path(folder))
+    return [(r.case, float(r.confidence)) for r in read_all_records(layout.folder)
+            if r.confidence is not None and outputs_intact(layout, r)]
+
+
+def write_confidences(folder: Path, rows: list[tuple[str, float]] | None = None) -> Path:
+    """Write ``confidences.xlsx`` (sheet ``Confidences``: ``Case``, ``Confidence``) from
+    ``rows``, by default :func:`confidence_rows` of ``folder``."""
     import pandas as pd
 
     layout = OutputLayout(Path(folder))
-    rows = [
-        {"Case": r.case, "Confidence": r.confidence}
-        for r in read_all_records(layout.folder)
-        if r.confidence is not None and outputs_intact(layout, r)
-    ]
-    frame = pd.DataFrame(rows, columns=["Case", "Confidence"])
+    rows = confidence_rows(folder) if rows is None else rows
+    frame = pd.DataFrame([{"Case": c, "Confidence": v} for c, v in rows],
+                         columns=["Case", "Confidence"])
     with atomic_output(layout.confidences) as tmp:
         frame.to_excel(tmp, sheet_name="Confidences", index=False, engine="openpyxl")
     return layout.confidences

@@ -27,12 +27,15 @@ from typing import Any
 import torch
 
 from itk_infer import errors
+from itk_infer.backends import resolve_device
+from itk_infer.caseloop import CaseLoop, remove_temporaries
 from itk_infer.cases import Case, OutputLayout
-from itk_infer.config import RunSettings
+from itk_infer.config import Settings
 from itk_infer.errors import ItkInferError
 from itk_infer.locks import remove_stale_locks
+from itk_infer.pipeline import load_model
+from itk_infer.progress import Progress, available_cores
 from itk_infer.records import CaseOutcome
-from itk_infer.runner import Progress, available_cores, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ def _limit_threads(threads: int) -> None:
 def worker_main(
     slot: int,
     conn: Connection,
-    settings: RunSettings,
+    settings: Settings,
     gpu_index: int,
     threads: int | None,
     log_level: int,
@@ -131,21 +134,13 @@ def worker_main(
     root.propagate = False
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
 
-    from itk_infer.backends import load_backend, resolve_device
-    from itk_infer.pipeline import case_settings, resolve_inference_settings
-    from itk_infer.runner import process_cases
-
     try:
         if threads is not None:
             _limit_threads(threads)
         device = resolve_device(settings.device, gpu_index=gpu_index)
-        backend = load_backend(
-            settings.model, device, fp16=settings.fp16,
-            intra_op_threads=threads if device.type == "cpu" else None,
-        )
-        inference = resolve_inference_settings(settings.overrides, backend, settings.fp16)
-        channel.send(("ready", backend.fingerprint, case_settings(backend, inference),
-                      str(backend.device)))
+        model = load_model(settings, device,
+                           intra_op_threads=threads if device.type == "cpu" else None)
+        channel.send(("ready", model.fingerprint, model.describe(), str(model.backend.device)))
     except Exception as error:
         kind = type(error).__name__ if isinstance(error, ItkInferError) else ""
         text = str(error) if kind else f"{type(error).__name__}: {error}"
@@ -158,12 +153,12 @@ def worker_main(
         return reply[1] if reply[0] == "case" else None
 
     try:
-        process_cases(
-            next_case, backend, inference, settings=settings,
-            layout=OutputLayout(settings.output_folder),
-            report=lambda outcome: channel.send(("outcome", outcome)),
+        CaseLoop(
+            next_case, model, OutputLayout(settings.output_folder), settings.outputs,
+            report=lambda result: channel.send(("outcome", result.outcome())),
+            overwrite=settings.overwrite,
             phase=lambda case, phase: channel.send(("phase", case.name, phase)),
-        )
+        ).run()
         channel.send(("bye",))
     except (EOFError, OSError):  # the parent is gone: stop quietly
         return
@@ -228,12 +223,13 @@ def _quiet_resource_tracker() -> None:
 
 
 class _Pool:
-    def __init__(self, todo: list[Case], settings: RunSettings, layout: OutputLayout,
+    def __init__(self, todo: list[Case], settings: Settings, layout: OutputLayout,
                  workers: int, device: torch.device) -> None:
         self.settings, self.layout = settings, layout
         self.queue: deque[Case] = deque(sorted(todo, key=_largest_first))
         self.slots = min(workers, len(self.queue))
-        self.gpus = max(1, settings.gpus) if device.type == "cuda" else 1
+        # --gpus 0: every visible GPU.
+        self.gpus = (settings.gpus or torch.cuda.device_count()) if device.type == "cuda" else 1
         self.threads = max(1, available_cores() // self.slots)
         self.ctx = get_context("spawn")
         self.workers: dict[int, _Worker] = {}
@@ -441,15 +437,15 @@ class _Pool:
 
 def run_parallel(
     todo: list[Case],
-    settings: RunSettings,
+    settings: Settings,
     layout: OutputLayout,
     workers: int,
     device: torch.device,
 ) -> ParallelResult:
     """Run ``todo`` in ``min(workers, len(todo))`` spawned worker processes.
 
-    Worker k runs on GPU ``k mod --gpus`` among the visible CUDA devices, or on the CPU with
-    its share of the cores.
+    Worker k runs on GPU ``k mod G`` of the first G visible CUDA devices (``--gpus``; 0: all
+    of them), or on the CPU with its share of the cores.
 
     Raises:
         UsageError: the workers cannot use the model (reported by the first to try).

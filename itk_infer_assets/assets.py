@@ -2,15 +2,15 @@
 ``confidences`` (the CLI's table, rebuilt after new segmentations).
 
 The step calls the same core as the command line: it loads the model once, then runs the
-run's partitions through :func:`itk_infer.runner.run_cases` (read-ahead and write-behind), one
-output folder at a time. Outputs land where the CLI would put them.
+run's partitions through :func:`itk_infer.caseloop.run_cases` (read-ahead and write-behind),
+one output folder at a time. Outputs land where the CLI would put them; metadata and previews
+come from the per-case results in memory, never from re-reading what was just written.
 """
 
 # No `from __future__ import annotations`: Dagster reads the context/config annotations.
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from dagster import (
@@ -30,18 +30,20 @@ from dagster import (
     multi_asset,
 )
 
+from itk_infer.caseloop import prepare_output, run_cases
 from itk_infer.cases import Case, OutputLayout
+from itk_infer.config import OutputOptions
 from itk_infer.errors import ItkInferError
-from itk_infer.records import CaseRecord, read_record, write_confidences
-from itk_infer.runner import prepare_output, run_cases
+from itk_infer.pipeline import CaseResult, Model
+from itk_infer.records import confidence_rows, write_confidences
 from itk_infer_assets.partitions import (
     IMAGES_PARTITIONS_NAME,
     PartitionKeyError,
     images_partitions,
     key_folder,
 )
-from itk_infer_assets.preview import markdown_image, preview_png_for_case
-from itk_infer_assets.resources import ItkInferResource, LoadedModel
+from itk_infer_assets.preview import markdown_image, preview_png
+from itk_infer_assets.resources import ItkInferResource
 
 GROUP = "itk_infer"
 SEGMENTATION = AssetKey("segmentation")
@@ -62,14 +64,6 @@ K8S_GPU_CONFIG = {
     }
 }
 GPU_OP_TAGS = {"dagster-k8s/config": K8S_GPU_CONFIG, "itk_infer/device": "gpu"}
-
-
-@dataclass
-class CaseDone:
-    key: str
-    case: Case
-    layout: OutputLayout
-    record: CaseRecord
 
 
 def _plan(itk_infer: ItkInferResource, keys: list[str]) -> tuple[dict[Path, list[tuple[str, Case]]],
@@ -95,11 +89,13 @@ def _plan(itk_infer: ItkInferResource, keys: list[str]) -> tuple[dict[Path, list
     return groups, refused
 
 
-def _segmentation_metadata(done: CaseDone, model: LoadedModel, preview_md: str | None) -> dict:
-    record = done.record
+def _segmentation_metadata(result: CaseResult, layout: OutputLayout, model: Model,
+                           preview_md: str | None) -> dict:
+    record = result.record
+    assert record is not None  # only done cases get metadata
     metadata = {
-        "path": MetadataValue.path(str(done.layout.labels(done.case))),
-        "record": MetadataValue.path(str(done.layout.record(done.case))),
+        "path": MetadataValue.path(str(layout.labels(result.case))),
+        "record": MetadataValue.path(str(layout.record(result.case))),
         "confidence": MetadataValue.float(float(record.confidence))
         if record.confidence is not None else MetadataValue.text("n/a"),
         "voxels_per_label": MetadataValue.json(record.voxels_per_label),
@@ -108,32 +104,69 @@ def _segmentation_metadata(done: CaseDone, model: LoadedModel, preview_md: str |
         "source_orientation": MetadataValue.text(record.source_orientation),
         "device": MetadataValue.text(str(record.settings.get("device", ""))),
         "model_fingerprint": MetadataValue.text(record.model_fingerprint),
-        "settings": MetadataValue.json(model.inference.describe()),
+        "settings": MetadataValue.json(model.describe()),
     }
     if preview_md is not None:
         metadata["preview"] = MetadataValue.md(preview_md)
     return metadata
 
 
-def _logits_metadata(done: CaseDone) -> dict:
-    path = done.layout.logits(done.case)
+def _logits_metadata(result: CaseResult, layout: OutputLayout) -> dict:
+    record = result.record
+    assert record is not None
     return {
-        "path": MetadataValue.path(str(path)),
-        "size_bytes": MetadataValue.int(int(done.record.output_sizes.get("logits", 0))),
+        "path": MetadataValue.path(str(layout.logits(result.case))),
+        "size_bytes": MetadataValue.int(int(record.output_sizes.get("logits", 0))),
         "dtype": MetadataValue.text("float16, (C, Z, Y, X), zarr v3"),
     }
 
 
-def _preview(context: AssetExecutionContext, done: CaseDone, model: LoadedModel) -> str | None:
-    """The preview as Markdown; a preview that cannot be drawn is logged, not fatal (the
-    case's outputs are complete at this point)."""
-    try:
-        png = preview_png_for_case(done.case.path, done.layout.labels(done.case),
-                                   model.inference.window.level, model.inference.window.width)
-    except Exception as error:  # cosmetic only; the outputs are already published
-        context.log.warning(f"{done.key}: no preview: {type(error).__name__}: {error}")
+def _preview(context: AssetExecutionContext, key: str, result: CaseResult) -> str | None:
+    """The preview as Markdown, from the arrays the case left in memory; one that cannot be
+    drawn is logged, not fatal (the case's outputs are complete at this point)."""
+    if result.image is None or result.labels is None or result.spacing_zyx is None:
         return None
-    return markdown_image(png, f"{done.case.name}: axial, coronal, sagittal")
+    try:
+        png = preview_png(result.image, result.labels, result.spacing_zyx)
+    except Exception as error:  # cosmetic only; the outputs are already published
+        context.log.warning(f"{key}: no preview: {type(error).__name__}: {error}")
+        return None
+    return markdown_image(png, f"{result.case.name}: axial, coronal, sagittal")
+
+
+def _run_folders(context: AssetExecutionContext, itk_infer: ItkInferResource, model: Model,
+                 groups: dict[Path, list[tuple[str, Case]]], failed: dict[str, str]
+                 ) -> dict[str, dict[AssetKey, dict]]:
+    """Run each output folder's cases through the core's case loop; returns the metadata of
+    each done key, and adds the others to ``failed``."""
+    selected = context.selected_asset_keys
+    outputs = OutputOptions(save_logits=LOGITS in selected, save_conf=True)
+    previews = bool(itk_infer.preview) and SEGMENTATION in selected
+    per_key: dict[str, dict[AssetKey, dict]] = {}
+    for folder, items in groups.items():
+        layout = prepare_output(folder)
+        key_of = {case.name: key for key, case in items}
+
+        def on_result(result: CaseResult, layout: OutputLayout = layout,
+                      key_of: dict[str, str] = key_of) -> None:
+            key = key_of[result.case.name]
+            if result.status != "done" or result.record is None:
+                failed[key] = result.reason or "finished without a record"
+                context.log.error(f"{key} failed: {failed[key]}")
+                return
+            metadata: dict[AssetKey, dict] = {}
+            if SEGMENTATION in selected:
+                preview = _preview(context, key, result) if previews else None
+                metadata[SEGMENTATION] = _segmentation_metadata(result, layout, model, preview)
+            if LOGITS in selected:
+                metadata[LOGITS] = _logits_metadata(result, layout)
+            per_key[key] = metadata
+
+        # A materialisation always redoes its cases; confidence is always computed, since the
+        # confidences table only lists cases that have one.
+        run_cases([case for _, case in items], model, layout, outputs, overwrite=True,
+                  keep_arrays=previews, on_result=on_result)
+    return per_key
 
 
 @multi_asset(
@@ -168,44 +201,21 @@ def itk_infer_inference(
     context: AssetExecutionContext, itk_infer: ItkInferResource
 ) -> Iterator[MaterializeResult]:
     selected = context.selected_asset_keys
-    save_logits = LOGITS in selected
     keys = list(context.partition_keys)
     t0 = time.perf_counter()
     try:
         groups, failed = _plan(itk_infer, keys)
-        done: list[CaseDone] = []
         with itk_infer.leased_device(context.log) as device:
-            context.log.info(f"{len(keys)} partition(s) on {device}; logits: {save_logits}")
+            context.log.info(f"{len(keys)} partition(s) on {device}; "
+                             f"logits: {LOGITS in selected}")
             model = itk_infer.load_model(device)
             load_s = time.perf_counter() - t0
-            for folder, items in groups.items():
-                layout = prepare_output(folder)
-                by_name = {case.name: (key, case) for key, case in items}
-                outcomes = run_cases([case for _, case in items], model.backend,
-                                     model.inference, layout,
-                                     itk_infer.run_settings(layout, save_logits))
-                for outcome in outcomes:
-                    key, case = by_name[outcome.case]
-                    record = read_record(layout.record(case)) if outcome.status == "done" else None
-                    if record is None:
-                        failed[key] = outcome.reason or "finished without a record"
-                        context.log.error(f"{key} failed: {failed[key]}")
-                    else:
-                        done.append(CaseDone(key, case, layout, record))
+            per_key = _run_folders(context, itk_infer, model, groups, failed)
     except (ItkInferError, TimeoutError) as error:
         # Settings, model or devices: nothing of this run can succeed.
         raise Failure(description=f"{type(error).__name__}: {error}") from error
 
-    per_key: dict[str, dict[AssetKey, dict]] = {}
-    for item in done:
-        metadata: dict[AssetKey, dict] = {}
-        if SEGMENTATION in selected:
-            preview = _preview(context, item, model) if itk_infer.preview else None
-            metadata[SEGMENTATION] = _segmentation_metadata(item, model, preview)
-        if save_logits:
-            metadata[LOGITS] = _logits_metadata(item)
-        per_key[item.key] = metadata
-    context.log.info(f"{len(done)} done, {len(failed)} failed in "
+    context.log.info(f"{len(per_key)} done, {len(failed)} failed in "
                      f"{time.perf_counter() - t0:.1f} s (model load {load_s:.1f} s)")
 
     if failed:
@@ -256,8 +266,6 @@ def _records_mtime_ns(layout: OutputLayout) -> int:
 def confidences(
     context: AssetExecutionContext, config: ConfidencesConfig, itk_infer: ItkInferResource
 ) -> MaterializeResult:
-    import pandas as pd
-
     output_root = itk_infer.output_path()
     folders: set[str] = set()
     for key in context.instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME):
@@ -277,15 +285,14 @@ def confidences(
                 and layout.confidences.stat().st_mtime_ns == before):
             unchanged += 1
             continue
-        path = write_confidences(layout.folder)
+        rows = confidence_rows(layout.folder)
+        path = write_confidences(layout.folder, rows)
         # Stamp the table with the records' state it was built from: a record published while
         # we read makes the folder newer than the table, so the next run rebuilds it.
         os.utime(path, ns=(time.time_ns(), before))
-        frame = pd.read_excel(path, sheet_name="Confidences")
         prefix = f"{folder}/" if folder else ""
-        lowest.extend((float(c), prefix + str(n)) for n, c in
-                      zip(frame["Case"], frame["Confidence"], strict=True))
-        tables[folder or "."] = {"path": str(path), "rows": len(frame)}
+        lowest.extend((conf, prefix + name) for name, conf in rows)
+        tables[folder or "."] = {"path": str(path), "rows": len(rows)}
     lowest.sort()
     rows = "\n".join(f"| {name} | {conf:.4f} |" for conf, name in lowest[:20])
     summary = ("| case | confidence |\n|---|---|\n" + rows) if rows else "no table rebuilt"

@@ -15,7 +15,7 @@ from dagster import (
     in_process_executor,
 )
 
-from itk_infer.errors import UsageError
+from itk_infer.config import settings_from_env
 from itk_infer_assets.assets import (
     CONFIDENCES,
     K8S_GPU_CONFIG,
@@ -27,23 +27,9 @@ from itk_infer_assets.assets import (
 from itk_infer_assets.resources import resource_from_env
 from itk_infer_assets.sensors import build_folder_sensor
 
-# Sensor knobs, read when the code location loads (they shape definitions, not runs).
-SENSOR_INTERVAL_ENV = "ITK_INFER_SENSOR_INTERVAL"  # seconds between ticks (default 30)
-SENSOR_SETTLE_ENV = "ITK_INFER_SENSOR_SETTLE"  # a file this recent waits a tick (default 5)
-
-
-def _env_number(name: str, default: float) -> float:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"{name}={text!r}: expected a number of seconds") from None
-    if value < 0:
-        raise UsageError(f"{name}={text!r}: must be >= 0")
-    return value
-
+# The deployment's settings; the sensor knobs among them shape definitions, not runs, so they
+# are read when the code location loads.
+SETTINGS = settings_from_env(os.environ)
 
 # Run-level GPU request for run launchers that start one container per run (Kubernetes).
 RUN_TAGS = {"dagster-k8s/config": json.dumps(K8S_GPU_CONFIG)}
@@ -55,12 +41,12 @@ inference_job = define_asset_job(
     description="Segmentation (and logits) of images partitions; started by the folder sensor.",
 )
 
-_interval = max(1, int(_env_number(SENSOR_INTERVAL_ENV, 30)))
+_interval = max(1, int(SETTINGS.sensor_interval))
 
 image_folder_sensor = build_folder_sensor(
     inference_job,
     minimum_interval_seconds=_interval,
-    settle_seconds=_env_number(SENSOR_SETTLE_ENV, 5.0),
+    settle_seconds=SETTINGS.sensor_settle,
     run_tags=RUN_TAGS,
 )
 

@@ -11,7 +11,6 @@ import base64
 import struct
 import zlib
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -104,19 +103,10 @@ def preview_rgb(
     return canvas
 
 
-def preview_png_for_case(input_path: Path, labels_path: Path, level: float, width: float,
-                         max_side: int = 160) -> bytes:
-    """Read an input image and its label map (the core's readers, so both are LPI and on one
-    grid), window the image and render the preview PNG."""
-    from itk_infer.config import WindowSettings
-    from itk_infer.imageio import read_volume
-    from itk_infer.window import apply_window
-
-    image = read_volume(input_path)
-    labels = read_volume(labels_path)
-    gray = apply_window(image.voxels, WindowSettings(level, width))
-    spacing_zyx = tuple(reversed(image.geometry.spacing_mm))
-    return encode_png(preview_rgb(gray, labels.voxels, spacing_zyx, max_side))
+def preview_png(image: np.ndarray, labels: np.ndarray, spacing_zyx: Sequence[float],
+                max_side: int = 160) -> bytes:
+    """The preview PNG of a windowed LPI image and its label map (as the core holds them)."""
+    return encode_png(preview_rgb(image, labels, spacing_zyx, max_side))
 
 
 def markdown_image(png: bytes, alt: str = "preview") -> str:

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from itk_infer.backends.base import Backend, ModelDefaults
-from itk_infer.config import ModelSpec
+from itk_infer.config import Settings
 from itk_infer.errors import UsageError
 
 __all__ = ["Backend", "ModelDefaults", "load_backend", "resolve_device"]
@@ -26,13 +26,13 @@ def resolve_device(requested: str, gpu_index: int = 0) -> torch.device:
 
 
 def load_backend(
-    spec: ModelSpec,
+    spec: Settings,
     device: torch.device,
     fp16: bool = False,
     *,
     intra_op_threads: int | None = None,
 ) -> Backend:
-    """Load the model described by ``spec`` onto ``device``.
+    """Load the model that ``spec`` names (backend and model files) onto ``device``.
 
     ``fp16`` only takes effect on CUDA; on the CPU it is ignored with one warning.
     ``intra_op_threads`` caps the CPU threads of one ONNX Runtime session (None: its default,

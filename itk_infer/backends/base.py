@@ -38,8 +38,18 @@ class ModelDefaults:
     inference_config: Mapping[str, Any] = field(default_factory=dict)
 
 
+# Keys of the original tool that configs keep loading with, but that change nothing here:
+# the argmax already runs slab by slab in bounded memory, and the model runs on --device.
+IGNORED_KEYS = {
+    "forward_device": "the model runs on --device",
+    "argmax_batchsize": "the argmax always runs slab by slab in bounded memory",
+}
+_warned: set[str] = set()
+
+
 def clean_inference_config(config: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
-    """Keep the known keys of an ``inference_config``; warn once about the others."""
+    """Keep the keys of an ``inference_config`` that itk_infer uses; warn once per process
+    about those it ignores (known or not)."""
     if config is None:
         return {}
     if not isinstance(config, Mapping):
@@ -47,7 +57,11 @@ def clean_inference_config(config: Mapping[str, Any] | None, source: str) -> dic
     unknown = sorted(set(config) - INFERENCE_CONFIG_KEYS)
     if unknown:
         log.warning("%s: ignoring unknown inference_config keys %s", source, unknown)
-    return {k: v for k, v in config.items() if k in INFERENCE_CONFIG_KEYS}
+    for key in sorted(set(config) & set(IGNORED_KEYS) - _warned):
+        _warned.add(key)
+        log.warning("inference_config.%s is ignored: %s", key, IGNORED_KEYS[key])
+    return {k: v for k, v in config.items() if k in INFERENCE_CONFIG_KEYS
+            and k not in IGNORED_KEYS}
 
 
 def parse_inference_config_json(text: str, source: str) -> dict[str, Any]:

@@ -294,8 +294,9 @@ def test_resource_from_environment(monkeypatch):
     assert resolved.watch_root == "/data/in" and resolved.output_root == "/data/out"
     assert resolved.window_width == 400.0 and resolved.window_level is None
     assert resolved.fp16 is True and resolved.patch_size == [32, 64, 64]
-    assert resolved.overrides().patch_size == (32, 64, 64)
-    assert resolved.model_spec().onnx_path == Path("/m.onnx") and resolved.device == "cpu"
+    settings = resolved.settings()
+    assert settings.patch_size == (32, 64, 64)
+    assert settings.onnx_path == Path("/m.onnx") and settings.device == "cpu"
     monkeypatch.setenv("ITK_INFER_PATCH_SIZE", "32 64")
     with pytest.raises(UsageError, match="ITK_INFER_PATCH_SIZE"):
         resource_from_env()

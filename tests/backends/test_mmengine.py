@@ -26,7 +26,7 @@ from itk_infer.backends import Backend, load_backend
 from itk_infer.backends.checkpoint import LoggedHistory, _history_statistic, load_checkpoint
 from itk_infer.backends.mmengine import MMEngineBackend, import_roots
 from itk_infer.cli import main
-from itk_infer.config import ModelSpec, Overrides
+from itk_infer.config import Settings
 from itk_infer.errors import ModelError, UsageError
 from itk_infer.pipeline import resolve_inference_settings
 from tests.backends.mm_custom_model import ItkTestTensorModeModel, PointwiseHead
@@ -264,7 +264,7 @@ def test_tensor_mode_model_without_inference_config_parameter(tmp_path):
 
 def test_fp16_is_ignored_on_cpu_with_one_warning(simple_model, itk_logs):
     cfg, ckpt = simple_model
-    backend = load_backend(ModelSpec("mmengine", cfg_path=cfg, ckpt_path=ckpt), CPU, fp16=True)
+    backend = load_backend(Settings(backend="mmengine", cfg_path=cfg, ckpt_path=ckpt), CPU, fp16=True)
 
     assert backend.fp16 is False
     assert [r.getMessage() for r in itk_logs.records].count(
@@ -453,7 +453,10 @@ def test_state_dict_forms(tmp_path, itk_logs):
 # ------------------------------------------------------------ windows and overrides
 
 
-def test_override_semantics(tmp_path, itk_logs, capsys):
+def test_override_semantics(tmp_path, itk_logs, capsys, monkeypatch):
+    from itk_infer.backends import base
+
+    monkeypatch.setattr(base, "_warned", set())  # the warning is once per process
     config = {"patch_size": [8, 16, 16], "patch_stride": [4, 8, 8], "forward_batch_windows": 3,
               "accumulate_device": "cpu", "forward_device": "cpu", "argmax_batchsize": 5,
               "legacy_option": True}
@@ -462,19 +465,23 @@ def test_override_semantics(tmp_path, itk_logs, capsys):
     backend = MMEngineBackend(cfg, ckpt, CPU)
     assert any("legacy_option" in r.getMessage() for r in itk_logs.records)
 
-    settings = resolve_inference_settings(Overrides(patch_size=(6, 12, 12)), backend)
+    settings = resolve_inference_settings(Settings(patch_size=(6, 12, 12)), backend)
     sliding = settings.sliding
     assert sliding.patch_size == (6, 12, 12)
     assert sliding.patch_stride == (4, 8, 8)
     assert sliding.batch_size == 3
-    assert (sliding.accumulate_device, sliding.forward_device) == ("cpu", "cpu")
-    assert sliding.argmax_batchsize == 5
+    assert sliding.accumulate_device == "cpu"
+    # The original tool's keys that change nothing here still load, with one warning each.
+    ignored = [r.getMessage() for r in itk_logs.records if "is ignored" in r.getMessage()]
+    assert len(ignored) == 2 and any("forward_device" in m for m in ignored)
+    MMEngineBackend(cfg, ckpt, CPU)
+    assert len([r for r in itk_logs.records if "is ignored" in r.getMessage()]) == 2
     assert (settings.window.level, settings.window.width) == (WL, WW)
 
-    only_level = resolve_inference_settings(Overrides(window_level=-5.0), backend)
+    only_level = resolve_inference_settings(Settings(window_level=-5.0), backend)
     assert (only_level.window.level, only_level.window.width) == (-5.0, WW)
     assert only_level.sliding.patch_size == (8, 16, 16)
-    only_stride = resolve_inference_settings(Overrides(patch_stride=(2, 4, 4)), backend)
+    only_stride = resolve_inference_settings(Settings(patch_stride=(2, 4, 4)), backend)
     assert (only_stride.sliding.patch_size, only_stride.sliding.patch_stride) == (
         (8, 16, 16), (2, 4, 4))
 

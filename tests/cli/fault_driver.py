@@ -3,7 +3,7 @@
 Run it as a script (``python tests/cli/fault_driver.py <itk_infer arguments>``). Worker
 processes are started with ``spawn``, which imports the parent's main script in every worker
 (as ``__mp_main__``) before the worker runs; so the patch below reaches the workers without any
-hook in the library itself. It wraps ``itk_infer.runner.infer_case``, the model step:
+hook in the library itself. It wraps ``itk_infer.caseloop.infer_case``, the model step:
 
 - ``ITK_INFER_TEST_KILL_CASE=<case>``: SIGKILL the process that is about to run ``<case>``
   through the model (a worker that dies like a segfault or an out-of-memory kill);
@@ -24,25 +24,25 @@ import time
 if __name__ == "__mp_main__" and os.environ.get("ITK_INFER_TEST_KILL_WORKERS_AT_START"):
     os.kill(os.getpid(), signal.SIGKILL)
 
-from itk_infer import runner
+from itk_infer import caseloop
 
-_infer_case = runner.infer_case
+_infer_case = caseloop.infer_case
 
 
-def _faulty_infer_case(loaded, backend, *args, **kwargs):
+def _faulty_infer_case(loaded, model, *args, **kwargs):
     if os.environ.get("ITK_INFER_TEST_SHOW_THREADS"):
         import torch
 
-        ort_threads = backend._session.get_session_options().intra_op_num_threads
+        ort_threads = model.backend._session.get_session_options().intra_op_num_threads
         print(f"threads torch={torch.get_num_threads()} onnxruntime={ort_threads}",
               file=sys.stderr, flush=True)
     if loaded.case.name == os.environ.get("ITK_INFER_TEST_KILL_CASE"):
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(float(os.environ.get("ITK_INFER_TEST_SLOW_S", "0")))
-    return _infer_case(loaded, backend, *args, **kwargs)
+    return _infer_case(loaded, model, *args, **kwargs)
 
 
-runner.infer_case = _faulty_infer_case
+caseloop.infer_case = _faulty_infer_case
 
 if __name__ == "__main__":
     from itk_infer.cli import main

@@ -88,17 +88,38 @@ def test_ci_instance_config_builds_an_instance(tmp_path: Path,
         assert f"{home}:{home}" in launcher.container_kwargs["volumes"]
 
 
-def test_launchers_forward_only_known_variables() -> None:
-    """Every ITK_INFER_* variable the launchers copy into run containers is one the resource
-    reads (a misspelt name would silently leave the run with the default)."""
-    from itk_infer_assets.resources import ENV_VARS
+def _forwarded(name: str) -> set[str]:
+    config = yaml.safe_load((DEPLOY / name).read_text())
+    return {v for v in config["run_launcher"]["config"]["env_vars"] if v.startswith("ITK_INFER_")}
 
-    known = set(ENV_VARS.values())
-    for name in ("dagster.docker.yaml", "dagster.ci.yaml"):
-        config = yaml.safe_load((DEPLOY / name).read_text())
-        forwarded = [v for v in config["run_launcher"]["config"]["env_vars"]
-                     if v.startswith("ITK_INFER_")]
-        assert forwarded and set(forwarded) <= known, (name, sorted(set(forwarded) - known))
+
+def test_deployment_variables_are_the_schema_settings() -> None:
+    """The GPU deployment forwards exactly one variable per configurable setting of the schema
+    (a misspelt or forgotten name would silently leave runs with the default), and every
+    ITK_INFER_* name in deploy/ is a setting or a documented container variable."""
+    from itk_infer.config import DEPLOYMENT_VARIABLES, deployment_variables
+
+    settings = deployment_variables()
+    assert _forwarded("dagster.docker.yaml") == settings
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())
+    shared = {k for k in compose["x-itk-infer-env"] if k.startswith("ITK_INFER_")}
+    assert shared - set(DEPLOYMENT_VARIABLES) == settings
+    assert _forwarded("dagster.ci.yaml") <= settings  # CI sets only what its runs need
+    mentioned = set()
+    for path in (p for p in DEPLOY.iterdir() if p.is_file()):
+        mentioned |= set(re.findall(r"ITK_INFER_[A-Z0-9_]+", path.read_text()))
+    assert mentioned - settings - set(DEPLOYMENT_VARIABLES) == set()
+
+
+def test_deployment_check_sees_a_missing_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above is not vacuous: a setting added to the schema without its variable in
+    deploy/ breaks it."""
+    from itk_infer import config
+
+    monkeypatch.setattr(config, "deployment_variables",
+                        lambda: {*_forwarded("dagster.docker.yaml"), "ITK_INFER_NEW"})
+    with pytest.raises(AssertionError):
+        test_deployment_variables_are_the_schema_settings()
 
 
 def test_workspace_points_at_the_code_server(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,9 +18,9 @@ import SimpleITK as sitk
 import torch
 import zarr
 
-from itk_infer import runner
+from itk_infer import caseloop, runner
 from itk_infer.cases import Case, OutputLayout, discover_cases
-from itk_infer.config import ModelSpec, OutputOptions, RunSettings
+from itk_infer.config import Settings
 from itk_infer.locks import lock_path, remove_stale_locks, try_lock
 from itk_infer.records import read_record
 from itk_infer.workers import _largest_first, describe_exit
@@ -49,10 +49,10 @@ def make_inputs(folder: Path, count: int, seed: int = 3) -> dict[str, np.ndarray
     return volumes
 
 
-def settings_for(inp: Path, out: Path, model: Path, **kw) -> RunSettings:
+def settings_for(inp: Path, out: Path, model: Path, **kw) -> Settings:
     kw.setdefault("progress", False)
-    return RunSettings(input_folder=inp, output_folder=out,
-                       model=ModelSpec(backend="onnx", onnx_path=model), device="cpu", **kw)
+    return Settings(input_folder=inp, output_folder=out, backend="onnx", onnx_path=model,
+                    device="cpu", **kw)
 
 
 def by_case(summary) -> dict[str, tuple[str, str]]:
@@ -137,13 +137,13 @@ def test_in_process_batch_matches_reference_and_a_bad_case_does_not_stop_it(
 def test_case_locked_by_another_run_is_skipped_in_progress_then_done(tmp_path, pointwise_model):
     make_inputs(tmp_path / "in", 3)
     out = tmp_path / "out"
-    layout = runner.prepare_output(out)
+    layout = caseloop.prepare_output(out)
     busy = next(c for c in discover_cases(tmp_path / "in") if c.name == "case1")
     other_run = try_lock(layout, busy)
     assert other_run is not None
     summary = runner.run_batch(settings_for(tmp_path / "in", out, pointwise_model))
     status, reason = by_case(summary)["case1"]
-    assert status == "skipped" and reason.startswith(runner.SKIP_IN_PROGRESS)
+    assert status == "skipped" and reason.startswith(caseloop.SKIP_IN_PROGRESS)
     assert str(os.getpid()) in reason  # names the holder
     assert summary.exit_code == 0 and summary.count("done") == 2
     assert not (out / busy.filename).exists()
@@ -161,13 +161,11 @@ def test_case_finished_by_another_run_meanwhile_is_not_redone(tmp_path, pointwis
     runner.run_batch(settings)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     # As if this run had listed the cases before another run finished them.
-    from itk_infer.backends import load_backend
-    from itk_infer.pipeline import resolve_inference_settings
+    from itk_infer.pipeline import load_model
 
-    backend = load_backend(settings.model, torch.device("cpu"))
-    inference = resolve_inference_settings(settings.overrides, backend)
-    outcomes = runner.run_cases(discover_cases(tmp_path / "in"), backend, inference,
-                                OutputLayout(out), settings)
+    model = load_model(settings, torch.device("cpu"))
+    outcomes = caseloop.run_cases(discover_cases(tmp_path / "in"), model, OutputLayout(out),
+                                  settings.outputs)
     assert [(o.status, o.reason) for o in outcomes] == [("skipped", "")] * 2
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
 
@@ -177,14 +175,12 @@ def test_pipeline_reads_ahead_one_case_and_keeps_one_write_in_flight(
     make_inputs(tmp_path / "in", 5)
     cases = discover_cases(tmp_path / "in")
     settings = settings_for(tmp_path / "in", tmp_path / "out", pointwise_model)
-    from itk_infer.backends import load_backend
-    from itk_infer.pipeline import resolve_inference_settings
+    from itk_infer.pipeline import load_model
 
-    backend = load_backend(settings.model, torch.device("cpu"))
-    inference = resolve_inference_settings(settings.overrides, backend)
+    model = load_model(settings, torch.device("cpu"))
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
-    real_write = runner.write_case
+    real_write = caseloop.write_case
 
     def slow_write(inferred, *args):
         time.sleep(0.3)  # the model must not wait for this
@@ -193,7 +189,7 @@ def test_pipeline_reads_ahead_one_case_and_keeps_one_write_in_flight(
             events.append(("written", inferred.loaded.case.name))
         return record
 
-    monkeypatch.setattr(runner, "write_case", slow_write)
+    monkeypatch.setattr(caseloop, "write_case", slow_write)
     pending = iter(cases)
     outcomes = []
 
@@ -201,9 +197,9 @@ def test_pipeline_reads_ahead_one_case_and_keeps_one_write_in_flight(
         with lock:
             events.append((name, case.name))
 
-    runner.process_cases(lambda: next(pending, None), backend, inference,
-                         runner.prepare_output(tmp_path / "out"), settings, outcomes.append,
-                         phase)
+    caseloop.CaseLoop(lambda: next(pending, None), model,
+                      caseloop.prepare_output(tmp_path / "out"), settings.outputs,
+                      lambda result: outcomes.append(result.outcome()), phase=phase).run()
     assert [o.status for o in outcomes] == ["done"] * 5
     names = [c.name for c in cases]
     position = {event: i for i, event in enumerate(events)}
@@ -252,9 +248,9 @@ def test_largest_file_first(tmp_path):
 def test_two_workers_write_the_same_bytes_as_one_process(tmp_path, pointwise_model):
     volumes = make_inputs(tmp_path / "in", 5)
     one, two = tmp_path / "one", tmp_path / "two"
-    opts = OutputOptions(save_logits=True, save_conf=True)
-    s1 = runner.run_batch(settings_for(tmp_path / "in", one, pointwise_model, outputs=opts))
-    s2 = runner.run_batch(settings_for(tmp_path / "in", two, pointwise_model, outputs=opts,
+    opts = {"save_logits": True, "save_conf": True}
+    s1 = runner.run_batch(settings_for(tmp_path / "in", one, pointwise_model, **opts))
+    s2 = runner.run_batch(settings_for(tmp_path / "in", two, pointwise_model, **opts,
                                        num_proc=2))
     assert s1.count("done") == s2.count("done") == len(volumes)
     assert [(o.case, o.confidence) for o in s1.outcomes] == \
@@ -270,6 +266,6 @@ def test_two_workers_write_the_same_bytes_as_one_process(tmp_path, pointwise_mod
                  or p.suffix == ".lock"]
     assert leftovers == []
     # Resume with workers: nothing to do, and "done" is told from "stale" by the model.
-    again = runner.run_batch(settings_for(tmp_path / "in", two, pointwise_model, outputs=opts,
+    again = runner.run_batch(settings_for(tmp_path / "in", two, pointwise_model, **opts,
                                           num_proc=2))
     assert {o.status for o in again.outcomes} == {"skipped"} and again.stale == []

@@ -39,5 +39,7 @@ def test_no_integer_truncation_or_wrap():
 
 @pytest.mark.parametrize("width", [0.0, -10.0, float("nan")])
 def test_bad_width_is_a_usage_error(width):
-    with pytest.raises(UsageError):
-        WindowSettings(40, width)
+    from itk_infer.config import Settings
+
+    with pytest.raises(UsageError, match="--ww"):
+        Settings(window_level=40, window_width=width)
