@@ -264,7 +264,8 @@ def test_tensor_mode_model_without_inference_config_parameter(tmp_path):
 
 def test_fp16_is_ignored_on_cpu_with_one_warning(simple_model, itk_logs):
     cfg, ckpt = simple_model
-    backend = load_backend(Settings(backend="mmengine", cfg_path=cfg, ckpt_path=ckpt), CPU, fp16=True)
+    backend = load_backend(Settings(backend="mmengine", cfg_path=cfg, ckpt_path=ckpt), CPU,
+                           fp16=True)
 
     assert backend.fp16 is False
     assert [r.getMessage() for r in itk_logs.records].count(

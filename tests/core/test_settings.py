@@ -63,7 +63,7 @@ def test_every_variable_parses_from_the_environment() -> None:
 
 
 def test_bad_environment_values_name_their_variable() -> None:
-    for name, spec, _default in settings_fields("env"):
+    for _name, spec, _default in settings_fields("env"):
         if spec.kind in ("text", "path", "choice"):
             continue
         with pytest.raises(UsageError, match=spec.env):
