@@ -110,7 +110,7 @@ def bare_forward_seconds(folder: Path, model: Path, stride: list[int] | None,
     total, windows_count, calls = 0.0, 0, 0
     warmed = False
     for case in discover_cases(folder):
-        volume = load_case(case, inference.window).voxels
+        volume = load_case(case, inference).voxels
         shape = volume.shape
         patch, stride_ = sliding.resolved(shape)
         padded = padded_shape(shape, patch)

@@ -148,7 +148,7 @@ class CaseLoop:
                     continue
             self.note(case, "read")
             item = _Held(case, lock, time.perf_counter(),
-                         self.reader.submit(load_case, case, self.model.inference.window))
+                         self.reader.submit(load_case, case, self.model.inference))
             self.held.append(item)
             return item
 

@@ -12,7 +12,7 @@ import logging
 import time
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import groupby
 
@@ -71,19 +71,19 @@ class Sink:
 class Placement:
     """Where the volume and the blending slab live for one case."""
 
-    forward_device: str
     volume_device: str
     accumulate_device: str
 
 
 @dataclass
 class EngineStats:
+    """What one pass over a volume did: class count, windows, model calls and time in them."""
+
     num_classes: int = 0
     windows: int = 0
     forward_calls: int = 0
     forward_seconds: float = 0.0
     placement: Placement | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def labels_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ def plan_placement(
 ) -> Placement:
     """Decide from a memory estimate (not by catching out-of-memory) where data lives."""
     if device.type != "cuda":
-        return Placement("cpu", "cpu", "cpu")
+        return Placement("cpu", "cpu")
     free, _total = torch.cuda.mem_get_info(device)
     budget = 0.8 * free
     voxels = int(np.prod(padded))
@@ -138,7 +138,7 @@ def plan_placement(
     acc = str(device) if accumulate_device not in ("cpu",) and slab + batch < budget else "cpu"
     remaining = budget - (slab if acc != "cpu" else 0) - batch
     vol = str(device) if volume_bytes < remaining else "cpu"
-    return Placement(str(device), vol, acc)
+    return Placement(vol, acc)
 
 
 @lru_cache(maxsize=2)
@@ -201,136 +201,252 @@ class _Threads:
             torch.set_num_threads(self.caller)
 
 
+@dataclass(frozen=True)
+class _WindowGrid:
+    """The windows of one volume, grouped in rows (windows with the same Z start)."""
+
+    shape: Triple
+    padded: Triple
+    patch: Triple
+    stride: Triple
+    rows: list[tuple[int, list[Triple]]]
+    windows: int
+
+    @classmethod
+    def plan(cls, shape_zyx: Sequence[int], sliding: SlidingWindowSettings) -> _WindowGrid:
+        shape: Triple = tuple(int(s) for s in shape_zyx)  # type: ignore[assignment]
+        if len(shape) != 3:
+            raise ValueError(f"volume must be (Z, Y, X), got shape {shape}")
+        patch, stride = sliding.resolved(shape)
+        padded = padded_shape(shape, patch)
+        windows = plan_windows(padded, patch, stride)
+        rows = [(z, list(group)) for z, group in groupby(windows, key=lambda w: w[0])]
+        return cls(shape, padded, patch, stride, rows, len(windows))
+
+    def row_end(self, index: int) -> int:
+        """First slice that row ``index`` finishes nothing beyond: the next row's start."""
+        return self.rows[index + 1][0] if index + 1 < len(self.rows) else self.padded[0]
+
+
+def _volume_tensor(volume: np.ndarray, grid: _WindowGrid, device: torch.device) -> torch.Tensor:
+    """The padded volume as a float32 tensor on ``device``; a padded copy dies on return."""
+    if grid.padded != grid.shape:
+        # Edge replication keeps the model's input statistics; the padding is cropped away.
+        pad = [(0, p - s) for s, p in zip(grid.shape, grid.padded, strict=True)]
+        volume = np.pad(volume, pad, "edge")
+    return torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)
+
+
+class _WindowBatcher:
+    """Cuts batches of windows out of the padded volume, row by row."""
+
+    def __init__(self, volume: torch.Tensor, patch: Triple, batch_size: int,
+                 device: torch.device, pad_batches: bool) -> None:
+        self.volume = volume
+        self.patch = patch
+        self.batch_size = batch_size
+        self.device = device
+        self.pad_batches = pad_batches
+
+    def batches(self, row: list[Triple]) -> Iterator[tuple[torch.Tensor, list[Triple]]]:
+        """(N, 1, pz, py, px) inputs on the model's device, and the N windows' starts.
+
+        N is ``batch_size`` except for the last batch of a row, which is filled up with copies
+        of its last window when ``pad_batches``; those extra outputs are never used.
+        """
+        for start in range(0, len(row), self.batch_size):
+            chunk = row[start : start + self.batch_size]
+            # Built in the yield so that this frame keeps no reference to a finished batch.
+            yield self._stack(chunk), chunk
+
+    def _stack(self, chunk: list[Triple]) -> torch.Tensor:
+        pz, py, px = self.patch
+        vol = self.volume
+        x = torch.stack([vol[z : z + pz, y : y + py, x_ : x_ + px] for z, y, x_ in chunk])
+        x = x[:, None].to(self.device, non_blocking=True)
+        if self.pad_batches and len(chunk) < self.batch_size:
+            x = torch.cat([x, x[-1:].expand(self.batch_size - len(chunk), *x.shape[1:])])
+        return x
+
+
+class _SlabAccumulator:
+    """Blends window logits into the ring and hands finished slices to the sinks."""
+
+    def __init__(self, grid: _WindowGrid, blend: str, sinks: Sequence[Sink], num_classes: int,
+                 device: torch.device) -> None:
+        self.grid = grid
+        self.sinks = sinks
+        self.device = device
+        self.ring = _SlabRing(num_classes, grid.patch, grid.padded,
+                              importance_map(grid.patch, blend), device)
+        profile = weight_profile(grid.padded[1:], grid.patch, grid.stride[1:], blend)
+        self.profile = profile.to(device)
+        self.row_starts = [z for z, _ in grid.rows]
+        self.done = 0  # slices below this were handed over
+        for sink in sinks:
+            sink.begin(num_classes, grid.shape)
+
+    def add(self, out: torch.Tensor, windows: list[Triple]) -> None:
+        """Add (N, C, pz, py, px) float32 logits on ``device`` of the N windows at ``windows``."""
+        _pz, py, px = self.grid.patch
+        for i, (z, y, x) in enumerate(windows):
+            self.ring.add(out[i], z, slice(y, y + py), slice(x, x + px))
+
+    def emit_until(self, z_to: int) -> None:
+        """Normalise, hand to sinks and clear the slices from the last call's end to ``z_to``."""
+        shape, pz = self.grid.shape, self.grid.patch[0]
+        acc = self.ring.acc
+        step = max(1, EMIT_BYTES // (acc.shape[0] * self.grid.padded[1] * self.grid.padded[2] * 4))
+        z = self.done
+        while z < z_to:
+            r = z % pz
+            n = min(z_to - z, pz - r, step)
+            part = acc[:, r : r + n]
+            keep = min(n, shape[0] - z)  # slices past the volume are padding
+            if keep > 0:
+                wsum = self._weight_sum(z, keep)
+                logits = part[:, :keep, : shape[1], : shape[2]]
+                logits.div_(wsum)
+                del wsum
+                slab = Slab(z_start=z, logits=logits, labels=labels_from_logits(logits))
+                for sink in self.sinks:
+                    sink.consume(slab)
+            part.zero_()
+            z += n
+        self.done = z_to
+
+    def _weight_sum(self, z: int, keep: int) -> torch.Tensor:
+        """Weight sums of slices ``z .. z + keep``, cropped to the volume, from the profile."""
+        shape, pz = self.grid.shape, self.grid.patch[0]
+        wsum = torch.zeros((keep, shape[1], shape[2]), device=self.device)
+        # Rows whose windows cover slices z .. z + keep (row starts are sorted).
+        for z0 in self.row_starts[bisect_right(self.row_starts, z - pz) :]:
+            if z0 >= z + keep:
+                break
+            lo, hi = max(z, z0), min(z + keep, z0 + pz)
+            wsum[lo - z : hi - z] += self.profile[lo - z0 : hi - z0, : shape[1], : shape[2]]
+        return wsum
+
+
+def _timed_forward(predict: Predictor, x: torch.Tensor, device: torch.device,
+                   threads: _Threads, stats: EngineStats) -> torch.Tensor:
+    """``predict(x)`` on the caller's threads, its time (to the end of CUDA work) counted."""
+    threads.model()
+    t0 = time.perf_counter()
+    out = predict(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.forward_seconds += time.perf_counter() - t0
+    stats.forward_calls += 1
+    threads.engine()
+    pz, py, px = x.shape[2:]
+    if out.ndim != 5 or out.shape[0] != x.shape[0] or tuple(out.shape[2:]) != (pz, py, px):
+        raise CaseError(
+            f"model output has shape {list(out.shape)} for input {list(x.shape)}; "
+            f"expected (N, C, {pz}, {py}, {px})"
+        )
+    return out
+
+
+def _blending_device(num_classes: int, grid: _WindowGrid, sliding: SlidingWindowSettings,
+                     device: torch.device, volume_device: torch.device, batch_size: int,
+                     threads: _Threads, stats: EngineStats) -> torch.device:
+    """Where the slab lives, decided once the class count is known; records the plan."""
+    planned = plan_placement(device, grid.padded, grid.patch, num_classes, batch_size,
+                             sliding.accumulate_device)
+    placement = Placement(str(volume_device), planned.accumulate_device)
+    stats.placement = placement
+    stats.num_classes = num_classes
+    slab_bytes = num_classes * grid.patch[0] * grid.padded[1] * grid.padded[2] * 4
+    log.debug("plan for %s on %s: %s; %d windows in %d rows, batch %d, slab %.0f MB",
+              grid.shape, device, placement, grid.windows, len(grid.rows), batch_size,
+              slab_bytes / 2**20)
+    acc_device = torch.device(placement.accumulate_device)
+    if acc_device.type != "cpu":  # blending runs on the device: keep threads
+        threads.model()
+        threads.active = False
+    return acc_device
+
+
+def slide(
+    volume: np.ndarray,
+    predict: Predictor,
+    sliding: SlidingWindowSettings,
+    sinks: Sequence[Sink],
+    *,
+    device: torch.device | str = "cpu",
+    static_batch_size: int | None = None,
+    num_classes_hint: int | None = None,
+) -> EngineStats:
+    """Run ``predict`` over ``volume`` window by window and stream blended slabs to ``sinks``.
+
+    Args:
+        volume: (Z, Y, X) float32, already windowed, LPI.
+        predict: any callable from (N, 1, pz, py, px) float32 on ``device`` to
+            (N, C, pz, py, px) float16 or float32 logits (on any device).
+        sliding: patch, stride, batch size, blend mode and accumulation device.
+        sinks: receive every slice exactly once, in increasing Z.
+        device: where ``predict`` wants its input; on CUDA the volume and the slab go there too
+            when the memory estimate allows.
+        static_batch_size: ``predict`` only takes batches of this size (it replaces
+            ``sliding.batch_size``; short batches are filled up).
+        num_classes_hint: the class count if known before the first output; only sizes the
+            CUDA memory estimate for the volume.
+
+    Returns:
+        Counts, placement and the time spent inside ``predict``.
+
+    Raises:
+        CaseError: ``predict``'s output does not have the expected shape.
+    """
+    device = torch.device(device)
+    grid = _WindowGrid.plan(volume.shape, sliding)
+    batch_size = static_batch_size or sliding.batch_size
+    vol_device = device
+    if device.type == "cuda":
+        probe = plan_placement(device, grid.padded, grid.patch, num_classes_hint or 1,
+                               batch_size, sliding.accumulate_device)
+        vol_device = torch.device(probe.volume_device)
+    # Static shapes on CUDA spare the provider a new algorithm search per batch size.
+    pad_batches = static_batch_size is not None or device.type == "cuda"
+    batcher = _WindowBatcher(_volume_tensor(volume, grid, vol_device), grid.patch, batch_size,
+                             device, pad_batches)
+    del volume  # only the tensor is needed from here on
+    stats = EngineStats(windows=grid.windows)
+    threads = _Threads(active=True)
+    acc: _SlabAccumulator | None = None
+    try:
+        threads.engine()  # gathering windows is the engine's work; each forward switches back
+        for index, (_z0, row) in enumerate(grid.rows):
+            for x, chunk in batcher.batches(row):
+                out = _timed_forward(predict, x, device, threads, stats)
+                if acc is None:
+                    num_classes = int(out.shape[1])
+                    acc_device = _blending_device(num_classes, grid, sliding, device,
+                                                  vol_device, batch_size, threads, stats)
+                    acc = _SlabAccumulator(grid, sliding.blend, sinks, num_classes, acc_device)
+                # Rebinding drops the model's own output before blending, as before the split.
+                out = out[: len(chunk)].to(acc.device, torch.float32)
+                acc.add(out, chunk)
+                del out, x
+            if acc is not None:
+                acc.emit_until(grid.row_end(index))
+    finally:
+        threads.model()
+    return stats
+
+
 def run_sliding_window(
     volume: np.ndarray,
     backend: Backend,
     sliding: SlidingWindowSettings,
     sinks: Sequence[Sink],
 ) -> EngineStats:
-    """Run ``backend`` over ``volume`` window by window and stream blended slabs to ``sinks``.
+    """:func:`slide` with a loaded model: ``backend.forward`` on ``backend.device``.
 
-    Args:
-        volume: (Z, Y, X) float32, already windowed, LPI.
-        backend: the model; see :class:`itk_infer.backends.base.Backend`.
-        sliding: patch, stride, batch size and blend mode.
-        sinks: receive every slice exactly once, in increasing Z.
-
-    Returns:
-        Counts and the time spent inside the model.
-
-    Raises:
-        CaseError: the model's output does not have the expected shape.
+    See :class:`itk_infer.backends.base.Backend`; its static batch size and class count (when
+    known) are passed on.
     """
-    shape: Triple = tuple(int(s) for s in volume.shape)  # type: ignore[assignment]
-    if len(shape) != 3:
-        raise ValueError(f"volume must be (Z, Y, X), got shape {shape}")
-    patch, stride = sliding.resolved(shape)
-    padded = padded_shape(shape, patch)
-    if padded != shape:
-        # Edge replication keeps the model's input statistics; the padding is cropped away.
-        volume = np.pad(volume, [(0, p - s) for s, p in zip(shape, padded, strict=True)], "edge")
-    windows = plan_windows(padded, patch, stride)
-    rows = [(z, list(group)) for z, group in groupby(windows, key=lambda w: w[0])]
-    row_starts = [z for z, _ in rows]
-    device = backend.device
-    batch_size = backend.static_batch_size or sliding.batch_size
-    # Static shapes on CUDA spare the provider a new algorithm search per batch size.
-    pad_batches = backend.static_batch_size is not None or device.type == "cuda"
-    stats = EngineStats(windows=len(windows))
-
-    vol_device = device
-    if device.type == "cuda":
-        probe = plan_placement(device, padded, patch, backend.num_classes or 1, batch_size,
-                               sliding.accumulate_device)
-        vol_device = torch.device(probe.volume_device)
-    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(vol_device)
-    del volume
-    pz, py, px = patch
-    ring: _SlabRing | None = None
-    profile = torch.empty(0)
-    done = 0
-
-    def emit(ring: _SlabRing, z_from: int, z_to: int) -> None:
-        """Normalise, hand to sinks and clear the ring slices of z in [z_from, z_to)."""
-        num_classes = ring.acc.shape[0]
-        step = max(1, EMIT_BYTES // (num_classes * padded[1] * padded[2] * 4))
-        z = z_from
-        while z < z_to:
-            r = z % pz
-            n = min(z_to - z, pz - r, step)
-            part = ring.acc[:, r : r + n]
-            keep = min(n, shape[0] - z)  # slices past the volume are padding
-            if keep > 0:
-                wsum = torch.zeros((keep, shape[1], shape[2]), device=part.device)
-                # Rows whose windows cover slices z .. z + keep (row starts are sorted).
-                for z0 in row_starts[bisect_right(row_starts, z - pz) :]:
-                    if z0 >= z + keep:
-                        break
-                    lo, hi = max(z, z0), min(z + keep, z0 + pz)
-                    wsum[lo - z : hi - z] += profile[lo - z0 : hi - z0, : shape[1], : shape[2]]
-                logits = part[:, :keep, : shape[1], : shape[2]]
-                logits.div_(wsum)
-                del wsum
-                slab = Slab(z_start=z, logits=logits, labels=labels_from_logits(logits))
-                for sink in sinks:
-                    sink.consume(slab)
-            part.zero_()
-            z += n
-
-    threads = _Threads(active=True)
-    try:
-        for index, (_z0, row) in enumerate(rows):
-            for start in range(0, len(row), batch_size):
-                threads.engine()
-                chunk = row[start : start + batch_size]
-                x = torch.stack([vol[z : z + pz, y : y + py, x_ : x_ + px] for z, y, x_ in chunk])
-                x = x[:, None].to(device, non_blocking=True)
-                if pad_batches and len(chunk) < batch_size:
-                    x = torch.cat([x, x[-1:].expand(batch_size - len(chunk), *x.shape[1:])])
-                threads.model()
-                t0 = time.perf_counter()
-                out = backend.forward(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                stats.forward_seconds += time.perf_counter() - t0
-                stats.forward_calls += 1
-                threads.engine()
-                if out.ndim != 5 or out.shape[0] != x.shape[0] or tuple(out.shape[2:]) != patch:
-                    raise CaseError(
-                        f"model output has shape {list(out.shape)} for input {list(x.shape)}; "
-                        f"expected (N, C, {pz}, {py}, {px})"
-                    )
-                if ring is None:
-                    num_classes = int(out.shape[1])
-                    placement = plan_placement(device, padded, patch, num_classes, batch_size,
-                                               sliding.accumulate_device)
-                    placement = Placement(placement.forward_device, str(vol_device),
-                                          placement.accumulate_device)
-                    stats.placement = placement
-                    stats.num_classes = num_classes
-                    slab_bytes = num_classes * pz * padded[1] * padded[2] * 4
-                    stats.extra["slab_bytes"] = slab_bytes
-                    log.debug("plan for %s: %s; %d windows in %d rows, batch %d, slab %.0f MB",
-                              shape, placement, len(windows), len(rows), batch_size,
-                              slab_bytes / 2**20)
-                    acc_device = torch.device(placement.accumulate_device)
-                    if acc_device.type != "cpu":  # blending runs on the device: keep threads
-                        threads.model()
-                        threads.active = False
-                    ring = _SlabRing(num_classes, patch, padded,
-                                     importance_map(patch, sliding.blend), acc_device)
-                    profile = weight_profile(padded[1:], patch, stride[1:], sliding.blend)
-                    profile = profile.to(acc_device)
-                    for sink in sinks:
-                        sink.begin(num_classes, shape)
-                out = out[: len(chunk)].to(ring.acc.device, torch.float32)
-                for i, (z, y, x_) in enumerate(chunk):
-                    ring.add(out[i], z, slice(y, y + py), slice(x_, x_ + px))
-                del out, x
-            next_z = rows[index + 1][0] if index + 1 < len(rows) else padded[0]
-            if ring is not None:
-                emit(ring, done, next_z)
-            done = next_z
-    finally:
-        threads.model()
-    return stats
+    return slide(volume, backend.forward, sliding, sinks, device=backend.device,
+                 static_batch_size=backend.static_batch_size,
+                 num_classes_hint=backend.num_classes)

@@ -17,7 +17,7 @@ from itk_infer import __version__
 from itk_infer.backends import load_backend
 from itk_infer.backends.base import Backend
 from itk_infer.cases import Case, OutputLayout
-from itk_infer.config import InferenceSettings, OutputOptions, Settings, WindowSettings, as_triple
+from itk_infer.config import InferenceSettings, OutputOptions, Settings, as_triple
 from itk_infer.engine import EngineStats, run_sliding_window
 from itk_infer.errors import ModelError, UsageError
 from itk_infer.imageio import Geometry, read_volume, write_label_map
@@ -151,12 +151,12 @@ class LoadedCase:
     read_seconds: float
 
 
-def load_case(case: Case, window: WindowSettings) -> LoadedCase:
+def load_case(case: Case, inference: InferenceSettings) -> LoadedCase:
     """Read, reorient to LPI and window one case. Raises CaseError for unusable images."""
     t0 = time.perf_counter()
     stat = case.path.stat()
     volume = read_volume(case.path)
-    voxels = apply_window(volume.voxels, window)
+    voxels = apply_window(volume.voxels, inference.window)
     return LoadedCase(
         case=case,
         voxels=voxels,
@@ -322,7 +322,7 @@ def predict_case(
     started = time.perf_counter()
     outputs = outputs or OutputOptions()
     layout.folder.mkdir(parents=True, exist_ok=True)
-    loaded = load_case(case, model.inference.window)
+    loaded = load_case(case, model.inference)
     inferred = infer_case(loaded, model, layout, outputs)
     record = write_case(inferred, model, layout)
     return done_result(inferred, record, started, keep_arrays)
