@@ -4,6 +4,8 @@ slices handed to sinks as soon as no later window touches them.
 Peak memory is about C x patch_z x Y x X x 4 bytes for the slab, plus the input volume and
 the label map; never the whole (C, Z, Y, X) logits volume. Weight sums are not accumulated per
 window: they come from a per-shape profile of one row of windows (see :func:`weight_profile`).
+
+:func:`slide` runs any predictor function; :func:`run_sliding_window` runs a loaded backend.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import groupby
@@ -35,6 +37,10 @@ EMIT_BYTES = 64 << 20
 # Runtime call its pool threads still hold the cores, so a multi-threaded torch op stalls at
 # its barrier: measured 10-20x slower per op on a 2-core machine than on one thread.
 CPU_BLEND_THREADS = 1
+
+# What the engine runs on each batch: (N, 1, pz, py, px) float32 windows to (N, C, pz, py, px)
+# float16 or float32 logits; a backend's ``forward`` or any plain function.
+Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,7 @@ class _WindowGrid:
 
     @classmethod
     def plan(cls, shape_zyx: Sequence[int], sliding: SlidingWindowSettings) -> _WindowGrid:
+        """Patch, stride, padding and windows for a volume of ``shape_zyx``."""
         shape: Triple = tuple(int(s) for s in shape_zyx)  # type: ignore[assignment]
         if len(shape) != 3:
             raise ValueError(f"volume must be (Z, Y, X), got shape {shape}")
@@ -224,7 +231,7 @@ class _WindowGrid:
         return cls(shape, padded, patch, stride, rows, len(windows))
 
     def row_end(self, index: int) -> int:
-        """First slice that row ``index`` finishes nothing beyond: the next row's start."""
+        """Slices below this are final once row ``index`` is blended: the next row's start."""
         return self.rows[index + 1][0] if index + 1 < len(self.rows) else self.padded[0]
 
 
@@ -276,9 +283,9 @@ class _SlabAccumulator:
                  device: torch.device) -> None:
         self.grid = grid
         self.sinks = sinks
-        self.device = device
         self.ring = _SlabRing(num_classes, grid.patch, grid.padded,
                               importance_map(grid.patch, blend), device)
+        self.device = self.ring.acc.device  # with its index, where ``device`` may lack one
         profile = weight_profile(grid.padded[1:], grid.patch, grid.stride[1:], blend)
         self.profile = profile.to(device)
         self.row_starts = [z for z, _ in grid.rows]
@@ -330,7 +337,11 @@ class _SlabAccumulator:
 
 def _timed_forward(predict: Predictor, x: torch.Tensor, device: torch.device,
                    threads: _Threads, stats: EngineStats) -> torch.Tensor:
-    """``predict(x)`` on the caller's threads, its time (to the end of CUDA work) counted."""
+    """``predict(x)`` on the caller's threads, timed to the end of its CUDA work.
+
+    Raises:
+        CaseError: the output is not (N, C, pz, py, px) for an (N, 1, pz, py, px) input.
+    """
     threads.model()
     t0 = time.perf_counter()
     out = predict(x)
@@ -383,15 +394,15 @@ def slide(
     Args:
         volume: (Z, Y, X) float32, already windowed, LPI.
         predict: any callable from (N, 1, pz, py, px) float32 on ``device`` to
-            (N, C, pz, py, px) float16 or float32 logits (on any device).
+            (N, C, pz, py, px) float16 or float32 logits.
         sliding: patch, stride, batch size, blend mode and accumulation device.
         sinks: receive every slice exactly once, in increasing Z.
-        device: where ``predict`` wants its input; on CUDA the volume and the slab go there too
-            when the memory estimate allows.
-        static_batch_size: ``predict`` only takes batches of this size (it replaces
-            ``sliding.batch_size``; short batches are filled up).
-        num_classes_hint: the class count if known before the first output; only sizes the
-            CUDA memory estimate for the volume.
+        device: where ``predict`` takes its input; on CUDA the volume and the slab go there
+            too when the memory estimate allows.
+        static_batch_size: the only batch size ``predict`` takes (short batches are filled
+            up); it replaces ``sliding.batch_size``.
+        num_classes_hint: the class count if known before the first output; it only sizes
+            the CUDA memory estimate for the volume.
 
     Returns:
         Counts, placement and the time spent inside ``predict``.
@@ -412,6 +423,14 @@ def slide(
     batcher = _WindowBatcher(_volume_tensor(volume, grid, vol_device), grid.patch, batch_size,
                              device, pad_batches)
     del volume  # only the tensor is needed from here on
+    return _stream(predict, batcher, grid, sliding, sinks, vol_device)
+
+
+def _stream(predict: Predictor, batcher: _WindowBatcher, grid: _WindowGrid,
+            sliding: SlidingWindowSettings, sinks: Sequence[Sink],
+            volume_device: torch.device) -> EngineStats:
+    """The loop: batches to ``predict``, its outputs into the slab, finished rows to sinks."""
+    device, batch_size = batcher.device, batcher.batch_size
     stats = EngineStats(windows=grid.windows)
     threads = _Threads(active=True)
     acc: _SlabAccumulator | None = None
@@ -423,9 +442,9 @@ def slide(
                 if acc is None:
                     num_classes = int(out.shape[1])
                     acc_device = _blending_device(num_classes, grid, sliding, device,
-                                                  vol_device, batch_size, threads, stats)
+                                                  volume_device, batch_size, threads, stats)
                     acc = _SlabAccumulator(grid, sliding.blend, sinks, num_classes, acc_device)
-                # Rebinding drops the model's own output before blending, as before the split.
+                # Rebinding frees the model's own output (when converted) before blending.
                 out = out[: len(chunk)].to(acc.device, torch.float32)
                 acc.add(out, chunk)
                 del out, x

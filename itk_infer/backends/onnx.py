@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,72 @@ def _parse_float(meta: dict[str, str], key: str, source: str) -> float | None:
         raise ModelError(f"{source}: metadata {key}={meta[key]!r} is not a number") from None
 
 
+def _session_options(ort: Any, intra_op_threads: int | None) -> Any:
+    """Quiet session options; ``intra_op_threads`` caps the session's thread pool."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if intra_op_threads is not None:
+        # Several CPU workers share the cores: each gets its own slice, not all of them.
+        options.intra_op_num_threads = max(1, int(intra_op_threads))
+    return options
+
+
+def _providers(device: torch.device) -> list:
+    """Execution providers for ``device``: CUDA first on a GPU, the CPU always."""
+    if device.type == "cuda":
+        return [
+            ("CUDAExecutionProvider", {"device_id": device.index or 0}),
+            "CPUExecutionProvider",
+        ]
+    return ["CPUExecutionProvider"]
+
+
+def _open_session(ort: Any, model_bytes: bytes, options: Any, providers: list,
+                  source: str) -> Any:
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=providers)
+    except Exception as error:  # onnxruntime raises several unrelated types
+        raise ModelError(f"{source}: cannot load ONNX model: {error}") from None
+
+
+def _check_signature(session: Any, source: str) -> tuple[Any, Any]:
+    """The model's one input and one output, both 5-D float, one input channel."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(
+            f"{source}: needs exactly one input and one output, has {len(inputs)} "
+            f"input(s) {[i.name for i in inputs]} and {len(outputs)} output(s) "
+            f"{[o.name for o in outputs]}"
+        )
+    inp, out = inputs[0], outputs[0]
+    for role, arg in (("input", inp), ("output", out)):
+        if len(arg.shape) != 5:
+            raise ModelError(
+                f"{source}: {role} {arg.name!r} has shape {arg.shape} ({len(arg.shape)}-D); "
+                "expected 5-D (N, C, Z, Y, X)"
+            )
+        if arg.type not in _ORT_TO_NUMPY:
+            raise ModelError(f"{source}: {role} {arg.name!r} is {arg.type}; expected float")
+    if _static(inp.shape[1]) not in (None, 1):
+        raise ModelError(f"{source}: input has {inp.shape[1]} channels; expected 1")
+    return inp, out
+
+
+def _read_defaults(session: Any, source: str) -> ModelDefaults:
+    """Window and ``inference_config`` from the model's custom metadata map."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    config = (
+        parse_inference_config_json(meta["inference_config"], source)
+        if "inference_config" in meta
+        else {}
+    )
+    return ModelDefaults(
+        window_level=_parse_float(meta, "window_level", source),
+        window_width=_parse_float(meta, "window_width", source),
+        inference_config=config,
+    )
+
+
 class OnnxBackend:
     """An ONNX model with one input and one output, both (N, C, Z, Y, X).
 
@@ -57,56 +124,16 @@ class OnnxBackend:
         self.path = require_file(path, "ONNX model (--onnx)")
         self.device = device
         source = self.path.name
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if intra_op_threads is not None:
-            # Several CPU workers share the cores: each gets its own slice, not all of them.
-            options.intra_op_num_threads = max(1, int(intra_op_threads))
-        if device.type == "cuda":
-            providers: list = [
-                ("CUDAExecutionProvider", {"device_id": device.index or 0}),
-                "CPUExecutionProvider",
-            ]
-        else:
-            providers = ["CPUExecutionProvider"]
+        options = _session_options(ort, intra_op_threads)
+        providers = _providers(device)
         model_bytes = self.path.read_bytes()
-        try:
-            session = ort.InferenceSession(model_bytes, options, providers=providers)
-        except Exception as error:  # onnxruntime raises several unrelated types
-            raise ModelError(f"{source}: cannot load ONNX model: {error}") from None
-        inputs, outputs = session.get_inputs(), session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelError(
-                f"{source}: needs exactly one input and one output, has {len(inputs)} "
-                f"input(s) {[i.name for i in inputs]} and {len(outputs)} output(s) "
-                f"{[o.name for o in outputs]}"
-            )
-        inp, out = inputs[0], outputs[0]
-        for role, arg in (("input", inp), ("output", out)):
-            if len(arg.shape) != 5:
-                raise ModelError(
-                    f"{source}: {role} {arg.name!r} has shape {arg.shape} ({len(arg.shape)}-D); "
-                    "expected 5-D (N, C, Z, Y, X)"
-                )
-            if arg.type not in _ORT_TO_NUMPY:
-                raise ModelError(f"{source}: {role} {arg.name!r} is {arg.type}; expected float")
-        if _static(inp.shape[1]) not in (None, 1):
-            raise ModelError(f"{source}: input has {inp.shape[1]} channels; expected 1")
+        session = _open_session(ort, model_bytes, options, providers, source)
+        inp, out = _check_signature(session, source)
         if device.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             log.warning("%s: onnxruntime has no CUDA provider here; running on the CPU", source)
             self.device = torch.device("cpu")
 
-        meta = dict(session.get_modelmeta().custom_metadata_map)
-        config = (
-            parse_inference_config_json(meta["inference_config"], source)
-            if "inference_config" in meta
-            else {}
-        )
-        self.defaults = ModelDefaults(
-            window_level=_parse_float(meta, "window_level", source),
-            window_width=_parse_float(meta, "window_width", source),
-            inference_config=config,
-        )
+        self.defaults = _read_defaults(session, source)
         spatial = tuple(_static(d) for d in inp.shape[2:])
         self.static_patch_size = spatial if all(spatial) else None  # type: ignore[assignment]
         self.static_batch_size = _static(inp.shape[0])

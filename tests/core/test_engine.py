@@ -1,4 +1,5 @@
-"""Streaming engine vs a one-shot numpy reference: labels, blended logits, slab delivery."""
+"""Streaming engine vs a one-shot numpy reference: labels, blended logits, slab delivery; with a
+backend (``run_sliding_window``) and with a plain function (``slide``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import torch
 import itk_infer.engine as engine
 from itk_infer.blending import importance_map
 from itk_infer.config import SlidingWindowSettings
-from itk_infer.engine import Sink, Slab, label_dtype, plan_placement, run_sliding_window
+from itk_infer.engine import (
+    Sink,
+    Slab,
+    label_dtype,
+    plan_placement,
+    run_sliding_window,
+    slide,
+)
 from itk_infer.errors import CaseError
 from itk_infer.grid import padded_shape, plan_windows
 
@@ -308,7 +316,7 @@ def test_static_batch_is_padded_and_padding_never_contributes():
 
 def test_cpu_placement_and_label_dtype():
     placement = plan_placement(torch.device("cpu"), (64, 64, 64), (32, 32, 32), 4, 2, None)
-    assert placement == engine.Placement("cpu", "cpu", "cpu")
+    assert placement == engine.Placement("cpu", "cpu")
     assert label_dtype(2) == np.uint8 and label_dtype(256) == np.uint8
     assert label_dtype(257) == np.uint16
 
@@ -357,3 +365,116 @@ def test_model_keeps_the_callers_threads_and_they_are_restored():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# --- the engine with a plain function as the model
+
+
+def affine_predictor(num_classes: int, seed: int, dtype: torch.dtype = torch.float32,
+                     batch_sizes: list[int] | None = None):
+    """A model as a plain function: logits are an affine function of the window's voxels.
+
+    ``a_c * v + b_c + d_c * mean(window)``: the mean term makes every window's logits differ
+    for the same voxel, so a blending error shows. Computed in float64 (batch-invariant), then
+    cast to ``dtype``; the batch sizes it sees go to ``batch_sizes``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    a, b, d = (torch.randn(num_classes, generator=gen, dtype=torch.float64).reshape(1, -1, 1, 1, 1)
+               for _ in range(3))
+    seen = [] if batch_sizes is None else batch_sizes
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        assert x.dtype == torch.float32 and x.ndim == 5 and x.shape[1] == 1
+        seen.append(int(x.shape[0]))
+        v = x.to(torch.float64)
+        mean = v.mean(dim=(1, 2, 3, 4), keepdim=True)
+        return (a * v + b + 3.0 * d * mean).to(dtype)
+
+    return predict
+
+
+def rows_of(shape, patch, stride) -> list[int]:
+    """How many windows each row (same Z start) has."""
+    windows = plan_windows(padded_shape(shape, patch), patch, stride)
+    return [sum(1 for w in windows if w[0] == z) for z in sorted({w[0] for w in windows})]
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "stride", "num_classes", "batch", "blend", "dtype"),
+    [
+        # smaller than the patch on every axis: a single, edge-padded window
+        ((3, 5, 2), (4, 8, 6), (2, 4, 3), 3, 2, "gaussian", torch.float32),
+        ((2, 3, 4), (5, 5, 5), None, 1, 1, "constant", torch.float32),
+        # smaller than the patch on one axis; batch 2 against 5 rows of 3 windows
+        ((17, 3, 11), (6, 6, 6), (3, 3, 3), 4, 2, "gaussian", torch.float32),
+        # float16 logits; batch 4 against 4 rows of 6, batch 5 against 5 rows of 12
+        ((13, 9, 11), (5, 4, 6), (3, 3, 5), 5, 4, "constant", torch.float16),
+        ((20, 14, 15), (6, 5, 7), (4, 3, 4), 2, 5, "gaussian", torch.float16),
+    ],
+)
+def test_slide_with_a_plain_function_equals_the_reference(shape, patch, stride, num_classes,
+                                                          batch, blend, dtype):
+    volume = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    sizes: list[int] = []
+    predict = affine_predictor(num_classes, seed=len(shape) + num_classes, dtype=dtype,
+                               batch_sizes=sizes)
+    sink = CaptureSink()
+    sliding = SlidingWindowSettings(patch, stride, batch_size=batch, blend=blend)
+    stats = slide(volume, predict, sliding, [sink])
+
+    rows = rows_of(shape, patch, sliding.resolved(shape)[1])
+    assert sink.began == [(num_classes, shape)]
+    assert stats.num_classes == num_classes and stats.windows == sum(rows)
+    # Every row is cut into batches of its own; on the CPU short batches stay short.
+    assert sizes == [min(batch, r - i) for r in rows for i in range(0, r, batch)]
+    assert stats.forward_calls == len(sizes)
+    assert stats.placement == engine.Placement("cpu", "cpu")
+    logits, labels = sink.assembled(shape)
+    ref_logits, ref_labels = one_shot_reference(volume, predict, patch,
+                                                sliding.resolved(shape)[1], blend)
+    np.testing.assert_allclose(logits, ref_logits, rtol=RTOL, atol=ATOL)
+    differ = labels != ref_labels
+    assert np.all(top_two_gap(ref_logits)[differ] < TIE_GAP), "labels differ away from a tie"
+
+
+def test_slide_batches_not_dividing_the_windows_with_a_static_batch():
+    """A fixed batch size the window count is no multiple of: short batches are filled up."""
+    shape, patch, stride = (10, 10, 9), (4, 4, 4), (3, 3, 3)
+    rows = rows_of(shape, patch, stride)
+    assert rows == [9, 9, 9]  # 27 windows: neither a row nor the whole is a multiple of 4
+    sizes: list[int] = []
+    predict = affine_predictor(2, seed=1, batch_sizes=sizes)
+    volume = np.random.default_rng(1).random(shape, dtype=np.float32)
+    sink = CaptureSink()
+    stats = slide(volume, predict, SlidingWindowSettings(patch, stride, 1, "gaussian"), [sink],
+                  device="cpu", static_batch_size=4, num_classes_hint=2)
+    assert set(sizes) == {4} and stats.forward_calls == sum(math.ceil(r / 4) for r in rows)
+    logits, _ = sink.assembled(shape)
+    ref_logits, _ = one_shot_reference(volume, predict, patch, stride, "gaussian")
+    np.testing.assert_allclose(logits, ref_logits, rtol=RTOL, atol=ATOL)
+
+
+def test_slide_with_a_pointwise_lambda_returns_it_unchanged():
+    """Windows that agree on every voxel blend to that value, whatever the weights."""
+    shape = (9, 7, 12)
+    volume = np.random.default_rng(4).random(shape, dtype=np.float32)
+    sink = CaptureSink()
+    slide(volume, lambda x: torch.cat([2 * x - 1, 0.5 - x], dim=1),
+          SlidingWindowSettings((4, 4, 5), (2, 3, 3), 3), [sink])
+    logits, labels = sink.assembled(shape)
+    np.testing.assert_allclose(logits, np.stack([2 * volume - 1, 0.5 - volume]), atol=1e-6)
+    np.testing.assert_array_equal(labels, (volume < 0.5).astype(np.uint8))  # 2v - 1 < 0.5 - v
+
+
+def test_run_sliding_window_is_slide_with_the_backend_forward():
+    shape, patch, stride = (19, 11, 13), (6, 5, 5), (4, 3, 2)
+    volume = np.random.default_rng(8).random(shape, dtype=np.float32)
+    sinks = CaptureSink(), CaptureSink()
+    run_sliding_window(volume, ConvBackend(5, seed=8, static_batch_size=3),
+                       SlidingWindowSettings(patch, stride, 2), [sinks[0]])
+    slide(volume, ConvBackend(5, seed=8).forward, SlidingWindowSettings(patch, stride, 2),
+          [sinks[1]], device=torch.device("cpu"), static_batch_size=3)
+    for (z0, logits0, labels0), (z1, logits1, labels1) in zip(*(s.slabs for s in sinks),
+                                                              strict=True):
+        assert z0 == z1
+        assert logits0.tobytes() == logits1.tobytes() and labels0.tobytes() == labels1.tobytes()

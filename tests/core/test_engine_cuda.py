@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from itk_infer.config import SlidingWindowSettings
-from itk_infer.engine import run_sliding_window
-from tests.core.test_engine import TIE_GAP, CaptureSink, ConvBackend, top_two_gap
+from itk_infer.engine import run_sliding_window, slide
+from tests.core.test_engine import (
+    TIE_GAP,
+    CaptureSink,
+    ConvBackend,
+    affine_predictor,
+    top_two_gap,
+)
 from tests.models import write_pointwise_model
 
 pytestmark = [
@@ -80,6 +86,36 @@ def test_slab_on_host_when_asked():
     assert on_host[0].placement.accumulate_device == "cpu"
     assert on_host[1].devices == {"cpu"}
     np.testing.assert_allclose(on_host[2], on_device[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_slide_with_a_plain_function_on_cuda_equals_the_cpu(dtype):
+    """``slide`` with a plain function and ``device="cuda"``: same placement rules as a
+    backend, static batches, and the CPU's results."""
+    shape, patch, stride = (21, 26, 19), (8, 10, 8), (5, 6, 5)
+    volume = np.random.default_rng(3).random(shape, dtype=np.float32)
+    sliding = SlidingWindowSettings(patch, stride, 3, "gaussian")
+    cpu_predict = affine_predictor(5, seed=3, dtype=dtype)
+    gpu_sizes: list[int] = []
+    plain = affine_predictor(5, seed=3, dtype=dtype, batch_sizes=gpu_sizes)
+    devices: set[str] = set()
+
+    def gpu_predict(x: torch.Tensor) -> torch.Tensor:
+        devices.add(x.device.type)
+        return plain(x.cpu()).cuda()
+
+    cpu_sink, gpu_sink = CaptureSink(), CaptureSink()
+    slide(volume, cpu_predict, sliding, [cpu_sink])
+    stats = slide(volume, gpu_predict, sliding, [gpu_sink], device="cuda")
+    assert devices == {"cuda"} and len(set(gpu_sizes)) == 1
+    assert stats.placement is not None
+    assert stats.placement.volume_device.startswith("cuda")
+    assert stats.placement.accumulate_device.startswith("cuda")
+    assert gpu_sink.devices == {"cuda"}
+    cpu_logits, cpu_labels = cpu_sink.assembled(shape)
+    logits, labels = gpu_sink.assembled(shape)
+    np.testing.assert_allclose(logits, cpu_logits, rtol=1e-5, atol=1e-5)
+    assert_same_labels(labels, cpu_labels, cpu_logits)
 
 
 def _onnx_backend(path, device, fp16=False):
