@@ -135,6 +135,11 @@ class Settings:
     fp16: bool = setting(
         False, "bool", "half-precision model on CUDA (ignored on the CPU)", "inference",
         flags=("--fp16",), env="ITK_INFER_FP16", fingerprint=True)
+    nonfinite: str = setting(
+        "fail", "choice", "input voxels that are NaN or infinite: fail the case (default), or "
+        "replace them (NaN and -inf: the window's low end, +inf: its high end) with a warning",
+        "inference", flags=("--nonfinite",), env="ITK_INFER_NONFINITE",
+        choices=("fail", "replace"))
 
     # --- devices and processes
     device: str = setting(

@@ -19,7 +19,7 @@ from itk_infer.backends.base import Backend
 from itk_infer.cases import Case, OutputLayout
 from itk_infer.config import InferenceSettings, OutputOptions, Settings, as_triple
 from itk_infer.engine import EngineStats, run_sliding_window
-from itk_infer.errors import ModelError, UsageError
+from itk_infer.errors import CaseError, ModelError, UsageError
 from itk_infer.imageio import Geometry, read_volume, write_label_map
 from itk_infer.records import CaseOutcome, CaseRecord, outputs_intact, read_record, write_record
 from itk_infer.sinks import ConfidenceSink, LabelSink, LogitsSink
@@ -157,6 +157,7 @@ def load_case(case: Case, inference: InferenceSettings) -> LoadedCase:
     stat = case.path.stat()
     volume = read_volume(case.path)
     voxels = apply_window(volume.voxels, inference.window)
+    _check_finite(case, volume.voxels, voxels, inference.settings.nonfinite)
     return LoadedCase(
         case=case,
         voxels=voxels,
@@ -166,6 +167,23 @@ def load_case(case: Case, inference: InferenceSettings) -> LoadedCase:
         input_mtime=stat.st_mtime,
         read_seconds=time.perf_counter() - t0,
     )
+
+
+def _check_finite(case: Case, raw: np.ndarray, windowed: np.ndarray, policy: str) -> None:
+    """Apply ``--nonfinite`` to a case's voxels. Windowing already maps +-inf to the window's
+    ends; NaN would pass through it into the logits, so it is refused or set to the low end."""
+    if not np.issubdtype(raw.dtype, np.floating):
+        return  # integer images cannot hold NaN or inf
+    bad = ~np.isfinite(raw)
+    count = int(np.count_nonzero(bad))
+    if count == 0:
+        return
+    if policy == "fail":
+        raise CaseError(f"{case.filename}: {count} voxel(s) are NaN or infinite "
+                        "(--nonfinite replace to set them to the window's ends)")
+    np.nan_to_num(windowed, copy=False, nan=0.0)
+    log.warning("%s: %d NaN or infinite voxel(s) replaced by the window's ends", case.filename,
+                count)
 
 
 @dataclass
