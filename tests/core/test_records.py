@@ -297,3 +297,20 @@ def test_report_json_matches_the_printed_summary(two_cases, tmp_path, capsys):
                 assert cases[name]["confidence"] == read_record(out, name)["confidence"]
         else:
             assert [cases[n]["status"] for n in ("a", "b")] == ["skipped", "skipped"]
+
+
+def test_case_names_that_look_missing_stay_strings_in_the_table(tmp_path):
+    """Names like nan/NA/null are text cells in confidences.xlsx (a reader with pandas'
+    defaults would turn them into NaN: the confidences asset builds its rows from records)."""
+    from openpyxl import load_workbook
+
+    from itk_infer.records import write_confidences
+
+    rows = [("NA", 0.5), ("nan", 0.25), ("null", 0.75), ("1e3", 0.125)]
+    path = write_confidences(tmp_path, rows)
+    sheet = load_workbook(path)["Confidences"]
+    cells = [(c.value, c.data_type) for c in sheet["A"][1:]]
+    assert cells == [(name, "s") for name, _ in rows]
+    frame = pd.read_excel(path, sheet_name="Confidences", dtype={"Case": str},
+                          keep_default_na=False)
+    assert list(frame["Case"]) == [name for name, _ in rows]
