@@ -1,8 +1,10 @@
-"""Temporary names, atomic renames and the removal of temporaries left by dead processes.
+"""Temporary names and atomic renames.
 
 Every output is first written under a name starting with ``TMP_PREFIX`` in its final folder
-(same file system, so the rename is atomic) and renamed when complete. The writer's PID is
-part of the name, so a later run can tell leftovers of a dead process from live work.
+(same file system, so the rename is atomic) and renamed when complete. The name ends with the
+final name, so the case a temporary belongs to can be told from it: leftovers are removed
+only under that case's lock (:func:`itk_infer.caseloop.remove_temporaries`), never by guessing
+from PIDs, which mean nothing across containers or hosts sharing a folder.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -19,9 +22,66 @@ TMP_PREFIX = ".itk_infer-tmp-"
 log = logging.getLogger(__name__)
 
 
+TOKEN_CHARS = 12
+
+
 def temporary_path(final: Path) -> Path:
-    """A unique sibling of ``final`` that keeps its extension (SimpleITK picks the format by it)."""
-    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{final.name}")
+    """A unique sibling of ``final`` that ends with its name (SimpleITK picks the format by
+    the extension). A name that is not valid UTF-8 is stored as hex, with its extension, so
+    that native libraries can write the temporary."""
+    token = secrets.token_hex(TOKEN_CHARS // 2)
+    name = final.name
+    try:
+        name.encode("utf-8")
+        return final.with_name(f"{TMP_PREFIX}{token}-{name}")
+    except UnicodeEncodeError:
+        return final.with_name(f"{TMP_PREFIX}{token}~{os.fsencode(name).hex()}{_suffixes(name)}")
+
+
+def final_name(temporary: Path) -> str | None:
+    """The final name a temporary stands for, or ``None`` if ``temporary`` is not one."""
+    name = temporary.name
+    if not name.startswith(TMP_PREFIX):
+        return None
+    rest = name[len(TMP_PREFIX) :]
+    marker, tail = rest[TOKEN_CHARS : TOKEN_CHARS + 1], rest[TOKEN_CHARS + 1 :]
+    if marker == "-" and tail:
+        return tail
+    if marker == "~":
+        encoded = tail[: len(tail) - len(_suffixes(tail))]
+        try:
+            return os.fsdecode(bytes.fromhex(encoded))
+        except ValueError:
+            return None
+    # Temporaries of earlier versions: <pid>-<8 hex>-<name> (a PID has at most 7 digits, so
+    # position 12 is never a marker there).
+    legacy = re.fullmatch(r"\d+-[0-9a-z]+-(.+)", rest)
+    return legacy.group(1) if legacy else None
+
+
+def native_safe_path(path: Path) -> Path:
+    """``path`` itself when native libraries can take its name; else a link to it with a safe
+    name in a fresh temporary folder (the caller removes the folder). SimpleITK aborts the
+    whole process on a file name that is not valid UTF-8 (bytes of another encoding)."""
+    try:
+        str(path).encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        pass
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="itk_infer-name-"))
+    link = folder / f"input{_suffixes(path.name)}"
+    os.symlink(os.path.abspath(path), link)
+    return link
+
+
+def _suffixes(name: str) -> str:
+    lowered = name.lower()
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
+        if lowered.endswith(suffix):
+            return suffix
+    return ""
 
 
 def remove_path(path: Path) -> None:
@@ -55,33 +115,3 @@ def atomic_output(final: Path) -> Iterator[Path]:
     except BaseException:
         remove_path(tmp)
         raise
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: Path) -> int:
-    """Remove temporaries in ``folder`` whose writing process is gone; returns how many."""
-    removed = 0
-    if not folder.is_dir():
-        return 0
-    for entry in folder.iterdir():
-        if not entry.name.startswith(TMP_PREFIX):
-            continue
-        pid_text = entry.name[len(TMP_PREFIX) :].split("-", 1)[0]
-        if pid_text.isdigit() and _pid_alive(int(pid_text)):
-            continue
-        remove_path(entry)
-        removed += 1
-    if removed:
-        log.info("removed %d leftover temporary file(s) in %s", removed, folder)
-    return removed

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from itk_infer.atomic import remove_stale_temporaries
-from itk_infer.cases import Case, OutputLayout
+from itk_infer.atomic import final_name, remove_path
+from itk_infer.cases import Case, OutputLayout, case_name
 from itk_infer.config import OutputOptions
 from itk_infer.errors import CaseError
 from itk_infer.locks import CaseLock, lock_holder, remove_stale_locks, try_lock
@@ -56,10 +56,39 @@ def prepare_output(folder: Path) -> OutputLayout:
 
 
 def remove_temporaries(layout: OutputLayout) -> int:
-    """Remove the temporaries of processes that are gone (live runs keep theirs)."""
-    return remove_stale_temporaries(layout.folder) + remove_stale_temporaries(
-        layout.records_folder
-    )
+    """Remove leftover temporaries: each only while holding the lock of the case it belongs
+    to, so a run working on that case (in any process, container or host sharing the folder)
+    keeps its own. Returns how many were removed."""
+    removed = 0
+    for folder in (layout.folder, layout.records_folder):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            final = final_name(entry)
+            if final is None:
+                continue
+            lock = try_lock(layout, Case(lock_key(final, folder == layout.records_folder),
+                                         entry))
+            if lock is None:
+                continue  # its case is being worked on
+            try:
+                remove_path(entry)
+                removed += 1
+            finally:
+                lock.release()
+    if removed:
+        log.info("removed %d leftover temporary file(s) in %s", removed, layout.folder)
+    return removed
+
+
+def lock_key(final: str, in_records: bool) -> str:
+    """The name of the lock that guards the output named ``final``: its case's name; the
+    confidences table has its own."""
+    if in_records and final.endswith(".json"):
+        return final[: -len(".json")]
+    if final.endswith(".zarr"):
+        return final[: -len(".zarr")]
+    return case_name(final) or final
 
 
 def describe_failure(error: BaseException) -> str:
@@ -139,7 +168,11 @@ class CaseLoop:
                 reason = f"{SKIP_IN_PROGRESS} (pid {holder})" if holder else SKIP_IN_PROGRESS
                 self.report(CaseResult(case, "skipped", reason=reason))
                 continue
-            if not self.overwrite:
+            if self.overwrite:
+                # Redone from scratch: until its new record is written, the case is not
+                # complete, whichever of its old outputs are replaced meanwhile.
+                self.layout.record(case).unlink(missing_ok=True)
+            else:
                 status = case_status(self.layout, case, self.model, self.outputs)
                 if status != "todo":  # finished by another run since this one looked
                     lock.release()

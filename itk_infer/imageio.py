@@ -9,13 +9,14 @@ z → inferior (direction diag(1, 1, -1)).
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from itk_infer.atomic import atomic_output
+from itk_infer.atomic import atomic_output, native_safe_path
 from itk_infer.errors import CaseError
 
 MODEL_ORIENTATION = "LPI"
@@ -81,8 +82,18 @@ def read_volume(path: Path) -> Volume:
     Raises:
         CaseError: unreadable file, not 3-D, or more than one component per voxel.
     """
+    safe = native_safe_path(path)
+    try:
+        return _read_volume(path, safe)
+    finally:
+        if safe != path:
+            shutil.rmtree(safe.parent, ignore_errors=True)
+
+
+def _read_volume(path: Path, safe: Path) -> Volume:
+    """:func:`read_volume` of ``path``, through ``safe``: a name SimpleITK can take."""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(str(safe))
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:

@@ -43,14 +43,14 @@ class CaseLock:
         self._fd = None
 
 
-def try_lock(layout: OutputLayout, case: Case) -> CaseLock | None:
-    """Take the lock of ``case`` without waiting; ``None`` if another process holds it."""
+def try_lock(layout: OutputLayout, case: Case, *, wait: bool = False) -> CaseLock | None:
+    """Take the lock of ``case``; without ``wait``, ``None`` if another process holds it."""
     path = lock_path(layout, case)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None

@@ -21,6 +21,7 @@ from itk_infer.config import InferenceSettings, OutputOptions, Settings, as_trip
 from itk_infer.engine import EngineStats, run_sliding_window
 from itk_infer.errors import CaseError, ModelError, UsageError
 from itk_infer.imageio import Geometry, read_volume, write_label_map
+from itk_infer.integrity import check_input
 from itk_infer.records import CaseOutcome, CaseRecord, outputs_intact, read_record, write_record
 from itk_infer.sinks import ConfidenceSink, LabelSink, LogitsSink
 from itk_infer.window import apply_window
@@ -112,13 +113,26 @@ def complete_record(layout: OutputLayout, case: Case, outputs: OutputOptions) ->
     """The case's record when every output the run asks for exists intact under it, whatever
     model made it; else ``None``."""
     record = read_record(layout.record(case))
-    if record is None or not outputs_intact(layout, record):
+    if record is None or not outputs_intact(layout, record) or not same_input(case, record):
         return None
     if outputs.save_logits and "logits" not in record.outputs:
         return None
     if outputs.save_conf and record.confidence is None:
         return None
     return record
+
+
+def same_input(case: Case, record: CaseRecord) -> bool:
+    """The input file is still the one the outputs were made from (same size and mtime: a
+    replaced or rewritten image is redone)."""
+    try:
+        stat = case.path.stat()
+    except OSError:
+        return False
+    if stat.st_size == record.input_size and stat.st_mtime == record.input_mtime:
+        return True
+    log.info("%s: the input changed since its outputs were made; it is redone", case.filename)
+    return False
 
 
 def case_status(layout: OutputLayout, case: Case, model: Model, outputs: OutputOptions) -> str:
@@ -155,6 +169,7 @@ def load_case(case: Case, inference: InferenceSettings) -> LoadedCase:
     """Read, reorient to LPI and window one case. Raises CaseError for unusable images."""
     t0 = time.perf_counter()
     stat = case.path.stat()
+    check_input(case.path)  # in the reader thread: overlapped with the model's work
     volume = read_volume(case.path)
     voxels = apply_window(volume.voxels, inference.window)
     _check_finite(case, volume.voxels, voxels, inference.settings.nonfinite)

@@ -12,6 +12,7 @@ from typing import Any
 
 from itk_infer.atomic import atomic_output
 from itk_infer.cases import Case, OutputLayout
+from itk_infer.locks import try_lock
 
 log = logging.getLogger(__name__)
 RECORD_VERSION = 1
@@ -128,11 +129,24 @@ def write_confidences(folder: Path, rows: list[tuple[str, float]] | None = None)
 
     layout = OutputLayout(Path(folder))
     rows = confidence_rows(folder) if rows is None else rows
-    frame = pd.DataFrame([{"Case": c, "Confidence": v} for c, v in rows],
+    frame = pd.DataFrame([{"Case": _cell_text(c), "Confidence": v} for c, v in rows],
                          columns=["Case", "Confidence"])
-    with atomic_output(layout.confidences) as tmp:
-        frame.to_excel(tmp, sheet_name="Confidences", index=False, engine="openpyxl")
+    # Under the table's own lock: runs sharing the folder take turns, and leftover cleanup
+    # never removes a table being written.
+    lock = try_lock(layout, Case(layout.confidences.name, layout.confidences), wait=True)
+    try:
+        with atomic_output(layout.confidences) as tmp:
+            frame.to_excel(tmp, sheet_name="Confidences", index=False, engine="openpyxl")
+    finally:
+        if lock is not None:
+            lock.release()
     return layout.confidences
+
+
+def _cell_text(name: str) -> str:
+    """A case name as spreadsheet text: bytes of a name that is not valid UTF-8 are shown as
+    backslash escapes (XML cannot hold them)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass
