@@ -148,6 +148,10 @@ class Settings:
     num_proc: int = setting(
         1, "int", "worker processes (default 1)", "devices", flags=("--num-proc",),
         minimum=1, metavar="N")
+    case_timeout: float | None = setting(
+        None, "float", "fail a case that spends longer than this in one step (reading, the "
+        "model, writing) and go on; cases then run in a worker process, which is killed",
+        "devices", flags=("--case-timeout",), positive=True, metavar="SECONDS")
     gpus: int = setting(
         0, "int", "how many of the visible GPUs to use (default 0: all of them); with CUDA the "
         "command line runs max(--num-proc, GPUs) workers", "devices", flags=("--gpus",),

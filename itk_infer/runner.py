@@ -63,7 +63,8 @@ def _classify_skipped(layout: OutputLayout, cases: list[Case], fingerprint: str,
 def _run(todo: list[Case], complete: list[Case], layout: OutputLayout, settings: Settings,
          device: torch.device) -> list[CaseOutcome]:
     workers = worker_count(settings, device)
-    if workers > 1 and todo:
+    # A case can only be stopped from outside its process: time limits need a worker.
+    if (workers > 1 or settings.case_timeout is not None) and todo:
         result = run_parallel(todo, settings, layout, workers, device)
         return result.outcomes + _classify_skipped(layout, complete, result.fingerprint,
                                                    result.described, settings)

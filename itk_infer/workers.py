@@ -185,6 +185,24 @@ class _Worker:
     ready: bool = False
     stopping: bool = False  # told that the queue is empty
     open: bool = True  # the pipe has not reached EOF
+    progressed: float = field(default_factory=time.monotonic)  # last phase change or outcome
+    timed_out: bool = False  # killed by the parent for --case-timeout
+
+
+def _culprits(worker: _Worker) -> list[str]:
+    """The cases a dead worker's death is blamed on: the one in the model (a crash or an
+    out-of-memory kill there is the likely cause); for a worker killed for --case-timeout with
+    no case in the model, the step it was stuck in: the oldest read, else the write. The
+    others in its pipeline get one more try."""
+    by_phase: dict[str, list[str]] = {}
+    for case, phase in worker.held.values():
+        by_phase.setdefault(phase, []).append(case.name)
+    if by_phase.get("model") or not worker.timed_out:
+        return by_phase.get("model", [])
+    for phase in ("read", "queued", "write"):
+        if by_phase.get(phase):
+            return by_phase[phase][:1]
+    return []
 
 
 def _error_from_worker(kind: str, text: str) -> ItkInferError:
@@ -309,7 +327,7 @@ class _Pool:
             if worker.open:
                 by_handle[worker.conn] = worker
             by_handle[worker.process.sentinel] = worker
-        for handle in wait(list(by_handle)):
+        for handle in wait(list(by_handle), timeout=self._next_deadline()):
             worker = by_handle[handle]
             if worker.slot not in self.workers or self.workers[worker.slot] is not worker:
                 continue  # already handled this round
@@ -318,6 +336,30 @@ class _Pool:
             else:
                 self.drain(worker)
                 self.exited(worker)
+        self._kill_overdue()
+
+    # ---- --case-timeout
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until the earliest worker busy with a case overruns the timeout."""
+        limit = self.settings.case_timeout
+        busy = [w.progressed for w in self.workers.values() if w.ready and w.held]
+        if limit is None or not busy:
+            return None
+        return max(0.0, min(busy) + limit - time.monotonic())
+
+    def _kill_overdue(self) -> None:
+        """Kill a worker stuck in one step of a case (no phase change or outcome) for longer
+        than --case-timeout; its death is then handled like any other (see :meth:`exited`)."""
+        limit = self.settings.case_timeout
+        if limit is None:
+            return
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.ready and worker.held and not worker.timed_out \
+                    and now - worker.progressed > limit:
+                worker.timed_out = True
+                worker.process.kill()
 
     # ---- messages
 
@@ -349,11 +391,13 @@ class _Pool:
                 worker.stopping = True
                 self.send(worker, ("stop",))
         elif kind == "phase":
+            worker.progressed = time.monotonic()
             name, phase = message[1], message[2]
             if name in worker.held:
                 worker.held[name] = (worker.held[name][0], phase)
             self.progress.phase(worker.slot, name, phase)
         elif kind == "outcome":
+            worker.progressed = time.monotonic()
             outcome: CaseOutcome = message[1]
             worker.held.pop(outcome.case, None)
             self.result.outcomes.append(outcome)
@@ -393,6 +437,8 @@ class _Pool:
                 self.progress.idle(worker.slot, "finished")
             return
         cause = describe_exit(code)
+        if worker.timed_out:
+            cause = f"timed out after {self.settings.case_timeout:g} s"
         # Its temporaries (half-written outputs) and lock files would otherwise wait for the
         # next run; the kernel has already dropped its locks.
         remove_temporaries(self.layout)
@@ -400,15 +446,13 @@ class _Pool:
         if not worker.ready:
             self.startup_failures[worker.slot] += 1
             log.warning("worker %d died while loading the model: %s", worker.slot, cause)
-        in_model = [case.name for case, phase in worker.held.values() if phase == "model"]
+        culprits = _culprits(worker)
         if worker.held:
             log.error("worker %d: %s while running %s", worker.slot, cause,
-                      ", ".join(in_model) or "no case in the model")
+                      ", ".join(culprits) or "no case in the model")
         for case, phase in worker.held.values():
             self.attempts[case.name] += 1
-            if phase == "model" or self.attempts[case.name] >= MAX_ATTEMPTS:
-                # The case in the model is the likely culprit (a crash or an out-of-memory
-                # kill); the others in its pipeline (reading, writing) get one more try.
+            if case.name in culprits or self.attempts[case.name] >= MAX_ATTEMPTS:
                 self.fail(case.name, cause, worker.slot)
             else:
                 log.warning("%s (was %s by worker %d) goes back in the queue", case.name,

@@ -38,6 +38,8 @@ def _faulty_infer_case(loaded, model, *args, **kwargs):
               file=sys.stderr, flush=True)
     if loaded.case.name == os.environ.get("ITK_INFER_TEST_KILL_CASE"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if loaded.case.name == os.environ.get("ITK_INFER_TEST_HANG_CASE"):
+        time.sleep(3600)
     time.sleep(float(os.environ.get("ITK_INFER_TEST_SLOW_S", "0")))
     return _infer_case(loaded, model, *args, **kwargs)
 

@@ -123,6 +123,32 @@ def alive(pid: int) -> bool:
     return status.exists() and "zombie" not in status.read_text()
 
 
+def test_case_timeout_fails_the_hung_case_and_the_batch_goes_on(tmp_path, batch):
+    """--case-timeout with one process: the case runs in a worker, which is killed when it
+    hangs; the case fails with the limit as its reason, the others match the reference."""
+    inp, model, reference = batch
+    folder = tmp_path / "in"
+    folder.mkdir()
+    chosen = names(inp)[:3]
+    for name in chosen:
+        os.link(inp / name, folder / name)
+    hung = case_name(chosen[1])
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run(folder, out, model, "--save-logits", "--case-timeout", "4",
+                 "--report", tmp_path / "r.json", hang_case=hung)
+    assert time.monotonic() - started < 90
+    assert result.returncode == 1, result.stderr
+    outcomes = report(tmp_path / "r.json")
+    assert outcomes.pop(hung) == ("failed", "timed out after 4 s")
+    # A case whose write finished just before the kill, with its outcome not yet sent, is
+    # found complete by the replacement worker: skipped, with its outputs intact.
+    assert set(outcomes.values()) <= {("done", ""), ("skipped", "")}
+    others = [n for n in chosen if case_name(n) != hung]
+    assert assert_matches_reference(out, reference, others) == len(others)
+    assert not (out / chosen[1]).exists() and leftovers(out) == []
+
+
 def test_worker_killed_on_one_case_loses_only_that_case(tmp_path, batch):
     inp, model, reference = batch
     folder = tmp_path / "in"
