@@ -20,7 +20,7 @@ import numpy as np
 from itk_infer.atomic import final_name, remove_path
 from itk_infer.cases import Case, OutputLayout, case_name
 from itk_infer.config import OutputOptions
-from itk_infer.errors import CaseError
+from itk_infer.errors import CaseError, DiskFullError, is_disk_full
 from itk_infer.locks import CaseLock, lock_holder, remove_stale_locks, try_lock
 from itk_infer.pipeline import (
     CaseResult,
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Reasons given with "skipped" outcomes; a complete, up-to-date case is skipped with no reason.
 SKIP_IN_PROGRESS = "in progress in another run"
 SKIP_STALE = "complete, but made by another model or settings (--overwrite redoes it)"
+NOT_RUN_DISK_FULL = "the run stopped: no space left for the outputs"
 
 Report = Callable[[CaseResult], None]
 Phase = Callable[[Case, str], None]
@@ -144,17 +145,22 @@ class CaseLoop:
     def _loop(self) -> None:
         pending: tuple[_Held, Future[CaseResult]] | None = None
         current = self._claim()
-        while current is not None:
-            inferred, upcoming = self._infer(current)
-            if inferred is not None:
-                if pending is not None:
-                    self._finish_write(*pending)
-                self.note(current.case, "write")
-                pending = (current, self.writer.submit(self._write, inferred, current.started))
-                del inferred
-            current = upcoming
-        if pending is not None:
-            self._finish_write(*pending)
+        try:
+            while current is not None:
+                inferred, upcoming = self._infer(current)
+                if inferred is not None:
+                    if pending is not None:
+                        previous, pending = pending, None
+                        self._finish_write(*previous)
+                    self.note(current.case, "write")
+                    pending = (current, self.writer.submit(self._write, inferred,
+                                                           current.started))
+                    del inferred
+                current = upcoming
+        finally:
+            # Also when the loop stops early (a full disk): the write in flight still counts.
+            if pending is not None:
+                self._finish_write(*pending)
 
     def _claim(self) -> _Held | None:
         """Lock the next case that still needs running and start reading it."""
@@ -191,8 +197,7 @@ class CaseLoop:
         try:
             loaded = current.read.result()
         except Exception as error:
-            self._settle(current, CaseResult(current.case, "failed",
-                                             reason=describe_failure(error)))
+            self._fail(current, error)
             return None, self._claim()
         # Claimed only now, not earlier: a case waiting in our read-ahead is a case another
         # worker cannot take, so claim as late as still keeps the model busy.
@@ -201,8 +206,7 @@ class CaseLoop:
             self.note(current.case, "model")
             inferred = infer_case(loaded, self.model, self.layout, self.outputs)
         except Exception as error:
-            self._settle(current, CaseResult(current.case, "failed",
-                                             reason=describe_failure(error)))
+            self._fail(current, error)
             return None, upcoming
         finally:
             del loaded
@@ -220,8 +224,17 @@ class CaseLoop:
         try:
             result = future.result()
         except Exception as error:
-            result = CaseResult(item.case, "failed", reason=describe_failure(error))
+            self._fail(item, error)
+            return
         self._settle(item, result)
+
+    def _fail(self, item: _Held, error: Exception) -> None:
+        """Report ``item`` failed; stop the loop if the disk is full (every case left would
+        fail the same way)."""
+        self._settle(item, CaseResult(item.case, "failed", reason=describe_failure(error)))
+        if is_disk_full(error):
+            raise DiskFullError(f"no space left for the outputs in {self.layout.folder}: "
+                                "the run stopped; free space and rerun to resume")
 
     def _settle(self, item: _Held, result: CaseResult) -> None:
         item.lock.release()
@@ -267,6 +280,11 @@ def run_cases(
         CaseLoop(lambda: next(pending, None), model, layout, outputs, report,
                  overwrite=overwrite, keep_arrays=keep_arrays,
                  phase=lambda case, phase: bar.phase(0, case.name, phase)).run()
+    except DiskFullError as error:
+        log.error("%s", error)
+        reported = {o.case for o in outcomes}
+        outcomes += [CaseOutcome(c.name, "skipped", reason=f"not run: {NOT_RUN_DISK_FULL}")
+                     for c in cases if c.name not in reported]
     finally:
         bar.close()
     return outcomes

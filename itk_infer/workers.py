@@ -28,10 +28,10 @@ import torch
 
 from itk_infer import errors
 from itk_infer.backends import resolve_device
-from itk_infer.caseloop import CaseLoop, remove_temporaries
+from itk_infer.caseloop import NOT_RUN_DISK_FULL, CaseLoop, remove_temporaries
 from itk_infer.cases import Case, OutputLayout
 from itk_infer.config import Settings
-from itk_infer.errors import ItkInferError
+from itk_infer.errors import DiskFullError, ItkInferError
 from itk_infer.locks import remove_stale_locks
 from itk_infer.pipeline import load_model
 from itk_infer.progress import Progress, available_cores
@@ -160,6 +160,8 @@ def worker_main(
             phase=lambda case, phase: channel.send(("phase", case.name, phase)),
         ).run()
         channel.send(("bye",))
+    except DiskFullError as error:
+        channel.send(("diskfull", str(error)))
     except (EOFError, OSError):  # the parent is gone: stop quietly
         return
 
@@ -256,6 +258,7 @@ class _Pool:
         self.startup_failures: Counter[int] = Counter()
         self.restarts_left = len(todo) + self.slots
         self.any_ready = False
+        self.stopped = ""  # why no more cases are handed out (the disk is full)
         self.seen_logs: set[tuple[int, str]] = set()
         self.progress = Progress(len(todo), self.slots, settings.progress)
         where = f"{self.gpus} GPU(s)" if device.type == "cuda" else "the CPU"
@@ -383,7 +386,7 @@ class _Pool:
     def handle(self, worker: _Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "next":
-            if self.queue:
+            if self.queue and not self.stopped:
                 case = self.queue.popleft()
                 worker.held[case.name] = (case, "queued")
                 self.send(worker, ("case", case))
@@ -418,6 +421,12 @@ class _Pool:
             self.progress.idle(worker.slot, f"ready on {message[3]}")
         elif kind == "fatal":
             raise _error_from_worker(message[1], message[2])
+        elif kind == "diskfull":
+            if not self.stopped:
+                self.stopped = message[1]
+                log.error("%s", message[1])
+            while self.queue:
+                self.not_run(self.queue.popleft().name)
         elif kind == "bye":
             self.progress.idle(worker.slot, "finished")
 
@@ -428,6 +437,11 @@ class _Pool:
         worker.conn.close()
         del self.workers[worker.slot]
         code = worker.process.exitcode
+        if self.stopped:  # what it still held was never run
+            for case, _phase in worker.held.values():
+                self.not_run(case.name)
+            self.progress.idle(worker.slot, "stopped")
+            return
         if code == 0 and not worker.held:
             # A clean exit. Deaths elsewhere may have put cases back in the queue after this
             # worker was told to stop; they need a worker if no other one takes cases.
@@ -462,6 +476,11 @@ class _Pool:
             self.replace(worker.slot, cause)
         else:
             self.progress.idle(worker.slot, cause)
+
+    def not_run(self, name: str) -> None:
+        outcome = CaseOutcome(name, "skipped", reason=f"not run: {NOT_RUN_DISK_FULL}")
+        self.result.outcomes.append(outcome)
+        self.progress.done(outcome)
 
     def fail(self, name: str, cause: str, slot: int | None) -> None:
         outcome = CaseOutcome(name, "failed", reason=cause)
