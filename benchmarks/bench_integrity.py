@@ -37,7 +37,7 @@ def main() -> None:
     shape = (40, 128, 128) if args.quick else (300, 512, 512)
     rng = np.random.default_rng(0)
     # CT-like: smooth body plus noise, int16 HU, so compression ratios are realistic.
-    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    _z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     body = ((y - shape[1] / 2) ** 2 + (x - shape[2] / 2) ** 2) < (0.4 * shape[1]) ** 2
     hu = np.where(body, 40, -1000) + rng.normal(0, 20, shape)
     image = sitk.GetImageFromArray(hu.astype(np.int16))

@@ -38,9 +38,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from dagster import (
+    AssetKey,
     DefaultSensorStatus,
     RunRequest,
     SensorDefinition,
@@ -151,6 +152,188 @@ def _sibling_with_same_case(folder: Path, filename: str) -> str | None:
     return None
 
 
+class _Candidate(NamedTuple):
+    """An image file that may become a key this tick."""
+
+    key: str
+    path: Path
+    size: int
+    mtime_ns: int
+    fresh: bool  # not seen by an earlier tick: report its skip once
+
+
+@dataclass
+class _Tick:
+    """One tick of :func:`scan_watch_root`: the previous state, the result being built, the cap."""
+
+    root: Path
+    old: ScanState
+    is_known: Callable[[Sequence[str]], set[str]]
+    excluded: set[Path]
+    now: int
+    settle_ns: int
+    margin_ns: int
+    cap: int
+    probe: Callable[[Path], str | None]
+    result: ScanResult = field(default_factory=lambda: ScanResult([], {}, ScanState(), [], []))
+    ready: list[_Candidate] = field(default_factory=list)  # settled and not yet a partition
+    pending: dict[str, tuple[int, int]] = field(default_factory=dict)  # the next cursor's
+    children: dict[str, list[str]] = field(init=False)  # known subfolders of each known folder
+
+    def __post_init__(self) -> None:
+        self.children = {}
+        for rel in self.old.folders:
+            if rel:
+                self.children.setdefault(rel.rpartition("/")[0], []).append(rel)
+
+    def recheck_pending(self) -> None:
+        """Stat the files that were still being written: their folder may not change again."""
+        candidates = []
+        for key in sorted(self.old.pending):
+            path = self.root / key
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # gone
+            candidates.append(_Candidate(key, path, st.st_size, st.st_mtime_ns, True))
+        settled, waiting = self._triage(candidates)
+        self.pending.update(waiting)
+        self.ready.extend(settled[:self.cap])
+        for item in settled[self.cap:]:
+            self.pending[item.key] = (item.size, item.mtime_ns)  # over budget: next tick
+            self.result.capped = True
+
+    def walk(self) -> None:
+        """Visit the folders depth-first from the root, listing only those that changed."""
+        todo = [""]
+        while todo:
+            todo.extend(self._visit(todo.pop()))
+
+    def finish(self) -> ScanResult:
+        """Probe the settled candidates in key order and complete the result."""
+        result = self.result
+        result.state.pending = self.pending
+        result.waiting = sorted(self.pending)
+        for item in sorted(self.ready, key=lambda item: item.key):
+            reason = _unusable(item.key, item.path, self.probe)
+            if reason is None:
+                result.new_keys.append(item.key)
+                result.new_files[item.key] = (item.size, item.mtime_ns)
+            elif item.fresh:
+                result.skipped.append((item.key, reason))
+        return result
+
+    def _previous(self, rel: str) -> FolderState:
+        return self.old.folders.get(rel, FolderState(NEVER, self.now))
+
+    def _visit(self, rel: str) -> list[str]:
+        """Stat one folder and list it if needed; returns the subfolders to visit next."""
+        try:
+            mtime_ns = (self.root / rel).stat().st_mtime_ns
+        except OSError:
+            return []  # the folder went away; forget it (and, unvisited, its children)
+        self.result.folders_checked += 1
+        kept = self._previous(rel)
+        # A folder changed within the margin of its last listing may have changed again
+        # unseen (timestamp granularity, clock skew): list it again.
+        unchanged = (kept.mtime_ns != NEVER and kept.mtime_ns == mtime_ns
+                     and kept.mtime_ns < kept.listed_ns - self.margin_ns)
+        full = len(self.ready) >= self.cap or len(self.pending) >= self.cap
+        if unchanged or full:
+            # Unchanged: same entries as last time, so the same subfolders. Over budget: the
+            # old state makes the next tick list it.
+            self.result.state.folders[rel] = kept
+            return self.children.get(rel, [])
+        return self._list(rel, kept, mtime_ns)
+
+    def _list(self, rel: str, kept: FolderState, mtime_ns: int) -> list[str]:
+        """List one changed folder and take its new files; returns its subfolders."""
+        self.result.folders_listed += 1
+        try:
+            entries = sorted(os.scandir(self.root / rel), key=lambda e: e.name)
+        except OSError as error:
+            self.result.skipped.append((rel or ".", f"cannot list folder: {error.strerror}"))
+            self.result.state.folders[rel] = kept
+            return []
+        subfolders, candidates = self._read(rel, entries, kept)
+        found, waiting = self._triage(candidates)
+        taken = self._take(found, waiting)
+        self.result.state.folders[rel] = FolderState(mtime_ns, self.now) if taken else kept
+        return subfolders
+
+    def _read(self, rel: str, entries: list[os.DirEntry], kept: FolderState,
+              ) -> tuple[list[str], list[_Candidate]]:
+        """Split a listing into the subfolders to enter and the candidate files."""
+        subfolders: list[str] = []
+        candidates: list[_Candidate] = []
+        for entry in entries:
+            if entry.name.startswith("."):  # hidden, temporaries, .itk_infer records
+                continue
+            key = _join(rel, entry.name)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if (entry.name != RECORDS_DIRNAME
+                            and Path(entry.path).resolve() not in self.excluded):
+                        subfolders.append(key)
+                        self.result.state.folders.setdefault(key, self._previous(key))
+                    continue
+                if not entry.is_file():
+                    continue
+                st = entry.stat()
+            except OSError:
+                continue  # vanished while listing
+            item = self._candidate(key, entry, st, kept)
+            if item is not None:
+                candidates.append(item)
+        return subfolders, candidates
+
+    def _candidate(self, key: str, entry: os.DirEntry, st: os.stat_result, kept: FolderState,
+                   ) -> _Candidate | None:
+        """The file as a candidate, or ``None`` when an earlier tick decided it already or its
+        suffix is not an image's (logged once)."""
+        since = None if kept.mtime_ns == NEVER else kept.listed_ns - self.margin_ns
+        if since is not None and st.st_ctime_ns < since:
+            return None  # there at the previous listing: already decided
+        if key in self.old.pending:
+            return None  # handled by recheck_pending
+        fresh = since is None or st.st_ctime_ns >= kept.listed_ns
+        if case_name(entry.name) is None:
+            if fresh:
+                self.result.skipped.append((key, "unsupported file type (not .mha/.nii/.nii.gz)"))
+            return None
+        return _Candidate(key, Path(entry.path), st.st_size, st.st_mtime_ns, fresh)
+
+    def _triage(self, candidates: list[_Candidate],
+                ) -> tuple[list[_Candidate], dict[str, tuple[int, int]]]:
+        """The settled candidates that are not partitions yet, and those still being written
+        (changed since the previous tick, or modified within ``settle``)."""
+        settled: list[_Candidate] = []
+        waiting: dict[str, tuple[int, int]] = {}
+        for item in candidates:
+            before = self.old.pending.get(item.key)
+            if before == (item.size, item.mtime_ns) or (
+                    before is None and item.mtime_ns <= self.now - self.settle_ns):
+                settled.append(item)
+            else:
+                waiting[item.key] = (item.size, item.mtime_ns)
+        known = self.is_known([item.key for item in settled]) if settled else set()
+        return [item for item in settled if item.key not in known], waiting
+
+    def _take(self, found: list[_Candidate], waiting: dict[str, tuple[int, int]]) -> bool:
+        """Take one folder's files as far as the cap allows; ``False`` when some did not fit."""
+        room = self.cap - len(self.ready)
+        pending_room = self.cap - len(self.pending)
+        self.ready.extend(found[:max(room, 0)])
+        self.pending.update(list(waiting.items())[:max(pending_room, 0)])
+        if len(found) > room or len(waiting) > pending_room:
+            # Too many at once: the caller keeps the folder's old state, so the next tick lists
+            # it again (what was taken is known by then and not taken twice) and the cursor
+            # stays bounded too.
+            self.result.capped = True
+            return False
+        return True
+
+
 def scan_watch_root(
     root: Path,
     state: ScanState,
@@ -179,130 +362,16 @@ def scan_watch_root(
     Returns:
         New keys (sorted), the next state, skipped files with reasons, and files still waiting.
     """
-    root = Path(root)
-    now = time.time_ns() if now_ns is None else now_ns
-    settle_ns, margin_ns = int(settle_seconds * 1e9), int(margin_seconds * 1e9)
-    excluded = {Path(p).resolve() for p in exclude}
-    result = ScanResult([], {}, ScanState(), [], [])
-    children: dict[str, list[str]] = {}
-    for rel in state.folders:
-        if rel:
-            children.setdefault(rel.rsplit("/", 1)[0] if "/" in rel else "", []).append(rel)
-
-    # key, path, size, mtime_ns, fresh (not seen by an earlier tick: report skips once)
-    Item = tuple[str, Path, int, int, bool]
-    ready: list[Item] = []  # stable and not yet a partition
-    new_pending: dict[str, tuple[int, int]] = {}
-
-    def consider(items: list[Item], waiting: dict[str, tuple[int, int]], key: str, path: Path,
-                 size: int, mtime_ns: int, fresh: bool) -> None:
-        before = state.pending.get(key)
-        if before == (size, mtime_ns) or (before is None and mtime_ns <= now - settle_ns):
-            items.append((key, path, size, mtime_ns, fresh))
-        else:
-            waiting[key] = (size, mtime_ns)
-
-    def unknown(items: list[Item]) -> list[Item]:
-        known = is_known([item[0] for item in items]) if items else set()
-        return [item for item in items if item[0] not in known]
-
-    # Files that were still being written: look at them directly, their folder may not change.
-    stable: list[Item] = []
-    for key in sorted(state.pending):
-        path = root / key
-        try:
-            st = path.stat()
-        except OSError:
-            continue  # gone
-        consider(stable, new_pending, key, path, st.st_size, st.st_mtime_ns, True)
-    stable = unknown(stable)
-    ready.extend(stable[:max_new_per_tick])
-    for key, _path, size, mtime_ns, _fresh in stable[max_new_per_tick:]:
-        new_pending[key] = (size, mtime_ns)  # stable but over budget: taken next tick
-        result.capped = True
-
-    todo = [""]
-    while todo:
-        rel = todo.pop()
-        folder = root / rel if rel else root
-        try:
-            st = folder.stat()
-        except OSError:
-            continue  # the folder went away; forget it (and, unvisited, its children)
-        result.folders_checked += 1
-        before = state.folders.get(rel)
-        kept = before if before is not None else FolderState(NEVER, now)
-        recent = before is not None and before.mtime_ns >= before.listed_ns - margin_ns
-        unchanged = before is not None and before.mtime_ns == st.st_mtime_ns and not recent
-        if unchanged or len(ready) >= max_new_per_tick or len(new_pending) >= max_new_per_tick:
-            # Unchanged: same entries as last time, so the same subfolders. Over budget: the
-            # old state makes the next tick list it.
-            result.state.folders[rel] = kept
-            todo.extend(children.get(rel, []))
-            continue
-        since = None if kept.mtime_ns == NEVER else kept.listed_ns - margin_ns
-        result.folders_listed += 1
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as error:
-            result.skipped.append((rel or ".", f"cannot list folder: {error.strerror}"))
-            result.state.folders[rel] = kept
-            continue
-        found: list[Item] = []
-        waiting: dict[str, tuple[int, int]] = {}
-        for entry in entries:
-            if entry.name.startswith("."):  # hidden, temporaries, .itk_infer records
-                continue
-            key = _join(rel, entry.name)
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if entry.name != RECORDS_DIRNAME and Path(entry.path).resolve() not in excluded:
-                        todo.append(key)
-                        result.state.folders.setdefault(
-                            key, state.folders.get(key, FolderState(NEVER, now)))
-                    continue
-                if not entry.is_file():
-                    continue
-                est = entry.stat()
-            except OSError:
-                continue  # vanished while listing
-            if since is not None and est.st_ctime_ns < since:
-                continue  # there at the previous listing: already decided
-            if key in state.pending:
-                continue  # handled above
-            fresh = since is None or est.st_ctime_ns >= kept.listed_ns
-            if case_name(entry.name) is None:
-                if fresh:
-                    result.skipped.append((key, "unsupported file type (not .mha/.nii/.nii.gz)"))
-                continue
-            consider(found, waiting, key, Path(entry.path), est.st_size, est.st_mtime_ns, fresh)
-        found = unknown(found)
-        room = max_new_per_tick - len(ready)
-        pending_room = max_new_per_tick - len(new_pending)
-        if len(found) > room or len(waiting) > pending_room:
-            # Too many at once: take what fits; the old state makes the next tick list this
-            # folder again (what was taken is known by then and not taken twice), so the
-            # cursor stays bounded too.
-            ready.extend(found[:max(room, 0)])
-            new_pending.update(list(waiting.items())[:max(pending_room, 0)])
-            result.capped = True
-            result.state.folders[rel] = kept
-            continue
-        ready.extend(found)
-        new_pending.update(waiting)
-        result.state.folders[rel] = FolderState(st.st_mtime_ns, now)
-
-    result.state.pending = new_pending
-    result.waiting = sorted(new_pending)
-    for key, path, size, mtime_ns, fresh in sorted(ready, key=lambda item: item[0]):
-        reason = _unusable(key, path, probe)
-        if reason is not None:
-            if fresh:
-                result.skipped.append((key, reason))
-            continue
-        result.new_keys.append(key)
-        result.new_files[key] = (size, mtime_ns)
-    return result
+    tick = _Tick(
+        root=Path(root), old=state, is_known=is_known,
+        excluded={Path(p).resolve() for p in exclude},
+        now=time.time_ns() if now_ns is None else now_ns,
+        settle_ns=int(settle_seconds * 1e9), margin_ns=int(margin_seconds * 1e9),
+        cap=max_new_per_tick, probe=probe,
+    )
+    tick.recheck_pending()
+    tick.walk()
+    return tick.finish()
 
 
 def _unusable(key: str, path: Path, probe: Callable[[Path], str | None]) -> str | None:
@@ -362,40 +431,53 @@ def build_folder_sensor(
         if not itk_infer.watch_root or not Path(itk_infer.watch_root).is_dir():
             return SkipReason(f"watch root {itk_infer.watch_root!r} is not a folder "
                               "(set ITK_INFER_WATCH_ROOT)")
-        root = Path(itk_infer.watch_root)
-        exclude = [Path(itk_infer.output_root)] if itk_infer.output_root else []
         scan = scan_watch_root(
-            root, ScanState.from_json(context.cursor), known_keys_in_instance(context),
-            exclude=exclude, settle_seconds=settle_seconds, margin_seconds=margin_seconds,
+            Path(itk_infer.watch_root), ScanState.from_json(context.cursor),
+            known_keys_in_instance(context),
+            exclude=[Path(itk_infer.output_root)] if itk_infer.output_root else [],
+            settle_seconds=settle_seconds, margin_seconds=margin_seconds,
             max_new_per_tick=max_new_per_tick,
         )
-        for path, reason in scan.skipped[:MAX_SKIPS_LOGGED]:
-            context.log.warning(f"skipping {path}: {reason}")
-        if len(scan.skipped) > MAX_SKIPS_LOGGED:
-            context.log.warning(f"... and {len(scan.skipped) - MAX_SKIPS_LOGGED} more skipped")
-        if scan.waiting:
-            context.log.info(f"{len(scan.waiting)} file(s) still being written; next tick: "
-                             + ", ".join(scan.waiting[:10]))
-        if scan.capped:
-            context.log.info(f"added {len(scan.new_keys)} keys; more next tick")
-        cursor = scan.state.to_json()
-        if not scan.new_keys:
-            return SensorResult(skip_reason=f"no new images ({len(scan.waiting)} waiting)",
-                                cursor=cursor)
+        _log_scan(context.log, scan)
         selection = [SEGMENTATION, LOGITS] if itk_infer.sensor_logits else [SEGMENTATION]
-        requests = []
-        for key in scan.new_keys:
-            size, mtime_ns = scan.new_files[key]
-            requests.append(RunRequest(
-                run_key=f"{key}|{size}|{mtime_ns}",
-                partition_key=key,
-                asset_selection=selection,
-                tags=run_tags or {},
-            ))
-        return SensorResult(
-            dynamic_partitions_requests=[images_partitions.build_add_request(scan.new_keys)],
-            run_requests=requests,
-            cursor=cursor,
-        )
+        return _sensor_result(scan, selection, run_tags or {})
 
     return image_folder_sensor
+
+
+def _log_scan(logger: logging.Logger, scan: ScanResult) -> None:
+    """Log a tick's skipped files (at most ``MAX_SKIPS_LOGGED``), waiting files and cap."""
+    for path, reason in scan.skipped[:MAX_SKIPS_LOGGED]:
+        logger.warning(f"skipping {path}: {reason}")
+    if len(scan.skipped) > MAX_SKIPS_LOGGED:
+        logger.warning(f"... and {len(scan.skipped) - MAX_SKIPS_LOGGED} more skipped")
+    if scan.waiting:
+        logger.info(f"{len(scan.waiting)} file(s) still being written; next tick: "
+                    + ", ".join(scan.waiting[:10]))
+    if scan.capped:
+        logger.info(f"added {len(scan.new_keys)} keys; more next tick")
+
+
+def _sensor_result(scan: ScanResult, selection: Sequence[AssetKey],
+                   tags: dict[str, str]) -> SensorResult:
+    """The tick's answer: the new keys as partitions and one run each, and the next cursor."""
+    cursor = scan.state.to_json()
+    if not scan.new_keys:
+        return SensorResult(skip_reason=f"no new images ({len(scan.waiting)} waiting)",
+                            cursor=cursor)
+    requests = []
+    for key in scan.new_keys:
+        size, mtime_ns = scan.new_files[key]
+        # Size and mtime in the run key: a file replaced under the same name (its partition
+        # deleted) runs again instead of being deduplicated as an old run key.
+        requests.append(RunRequest(
+            run_key=f"{key}|{size}|{mtime_ns}",
+            partition_key=key,
+            asset_selection=list(selection),
+            tags=tags,
+        ))
+    return SensorResult(
+        dynamic_partitions_requests=[images_partitions.build_add_request(scan.new_keys)],
+        run_requests=requests,
+        cursor=cursor,
+    )

@@ -189,6 +189,71 @@ def test_a_flood_is_split_over_ticks_without_losing_or_repeating_keys(tmp_path, 
     assert inst.keys == expected and ticks >= 4
 
 
+def test_settled_pending_files_over_the_cap_wait_for_the_next_tick(tmp_path):
+    """A cursor holding more waiting files than the cap (the cap was lowered, say): one tick
+    still adds at most the cap, and the rest stay waiting instead of being dropped."""
+    root = tmp_path / "watch"
+    root.mkdir()
+    pending = {}
+    past = time.time() - 120
+    for name in ("a.mha", "b.mha", "c.mha"):
+        (root / name).write_bytes(b"x")
+        os.utime(root / name, (past, past))
+        st = (root / name).stat()
+        pending[name] = (st.st_size, st.st_mtime_ns)  # unchanged since the last tick: settled
+    inst = Instance()
+    first, state = inst.tick(root, ScanState(pending=pending), max_new_per_tick=2)
+    assert first.new_keys == ["a.mha", "b.mha"] and first.capped
+    assert first.waiting == ["c.mha"]
+    second, state = inst.tick(root, state, max_new_per_tick=2)
+    assert second.new_keys == ["c.mha"] and not second.capped and second.waiting == []
+    third, _ = inst.tick(root, state, max_new_per_tick=2)
+    assert third.new_keys == [] and third.waiting == []
+
+
+def test_a_flood_of_files_being_written_keeps_the_cursor_bounded(tmp_path):
+    root = tmp_path / "watch"
+    root.mkdir()
+    names = [f"c{i}.mha" for i in range(5)]
+    for name in names:
+        (root / name).write_bytes(b"x")  # just written: waits for the next tick
+    start = time.time_ns()
+    inst = Instance()
+    state, added = ScanState(), []
+    for tick in range(10):
+        # The clock is pinned: after the first tick every file is older than `settle`.
+        result, state = inst.tick(root, state, now_ns=start + tick * 60 * 10**9,
+                                  settle_seconds=30, max_new_per_tick=2)
+        assert len(result.new_keys) <= 2 and len(result.waiting) <= 2
+        assert len(state.pending) <= 2
+        added += result.new_keys
+        if tick == 0:
+            assert result.new_keys == [] and result.capped
+        if not (result.new_keys or result.waiting or result.capped):
+            break
+    assert sorted(added) == names  # each exactly once
+
+
+def test_a_folder_changed_just_before_its_listing_is_listed_again(tmp_path):
+    """An entry added within the clock's granularity (or skew) of a listing may leave the
+    folder's mtime as it was; so a folder whose mtime lies within ``margin`` of its last
+    listing is listed once more, and after that only when it changes."""
+    root = tmp_path / "watch"
+    root.mkdir()
+    (root / "a.mha").write_bytes(b"x")
+    changed = time.time_ns() - 600 * 10**9
+    os.utime(root / "a.mha", ns=(changed - 100 * 10**9, changed - 100 * 10**9))
+    os.utime(root, ns=(changed, changed))
+    inst = Instance()
+    ticks = []
+    for after_s in (1, 100, 200):
+        result, state = inst.tick(root, ticks[-1][1] if ticks else ScanState(),
+                                  now_ns=changed + after_s * 10**9, margin_seconds=30)
+        ticks.append((result, state))
+    assert [r.folders_listed for r, _ in ticks] == [1, 1, 0]
+    assert [r.new_keys for r, _ in ticks] == [["a.mha"], [], []]
+
+
 def test_damaged_cursor_starts_over_without_re_adding(tmp_path, sources):
     root = tmp_path / "watch"
     put(sources, root, "a.mha")
