@@ -52,6 +52,9 @@ class Spec:
     flags: tuple[str, ...] = ()  # command-line spellings; none: not on the command line
     env: str | None = None  # environment variable; none: not configurable in a deployment
     fingerprint: bool = False  # decides the numbers: stored in records, compared on resume
+    # A fingerprint setting added after records existed: stored only when not at its default,
+    # so that outputs made before it was added stay "done" on resume.
+    recorded_if_set: bool = False
     choices: tuple[str, ...] = ()
     minimum: float | None = None  # for numbers: the smallest allowed value
     positive: bool = False  # for floats: must be > 0
@@ -135,6 +138,10 @@ class Settings:
     fp16: bool = setting(
         False, "bool", "half-precision model on CUDA (ignored on the CPU)", "inference",
         flags=("--fp16",), env="ITK_INFER_FP16", fingerprint=True)
+    tta: bool = setting(
+        False, "bool", "test-time mirroring: average the logits over the 8 mirror images of "
+        "each window (8x the model's work)", "inference", flags=("--tta",),
+        env="ITK_INFER_TTA", fingerprint=True, recorded_if_set=True)
     nonfinite: str = setting(
         "fail", "choice", "input voxels that are NaN or infinite: fail the case (default), or "
         "replace them (NaN and -inf: the window's low end, +inf: its high end) with a warning",
@@ -199,8 +206,12 @@ class Settings:
     def fingerprint(self) -> dict[str, Any]:
         """The settings that decide the numbers, JSON-friendly: stored in each record and
         compared on resume."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)
-                if spec_of(f.name).fingerprint}
+        out = {}
+        for f in fields(self):
+            spec, value = spec_of(f.name), getattr(self, f.name)
+            if spec.fingerprint and not (spec.recorded_if_set and value == f.default):
+                out[f.name] = _jsonable(value)
+        return out
 
     def require_model(self) -> None:
         """Raise :class:`UsageError` unless the model files the backend needs are named."""
@@ -396,8 +407,14 @@ def settings_table() -> str:
         flags = ", ".join(f"`{f}`" for f in spec.flags) or "-"
         shown = "-" if default is None or default == "" else f"`{_jsonable(default)}`"
         rows.append(f"| `{name}` | {flags} | {f'`{spec.env}`' if spec.env else '-'} | {shown} "
-                    f"| {'yes' if spec.fingerprint else ''} | {spec.help} |")
+                    f"| {_recorded(spec)} | {spec.help} |")
     return "\n".join(rows)
+
+
+def _recorded(spec: Spec) -> str:
+    if not spec.fingerprint:
+        return ""
+    return "if set" if spec.recorded_if_set else "yes"
 
 
 _SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(Settings)}

@@ -18,12 +18,13 @@ from itk_infer.backends import load_backend
 from itk_infer.backends.base import Backend
 from itk_infer.cases import Case, OutputLayout
 from itk_infer.config import InferenceSettings, OutputOptions, Settings, as_triple
-from itk_infer.engine import EngineStats, run_sliding_window
+from itk_infer.engine import EngineStats, slide
 from itk_infer.errors import CaseError, ModelError, UsageError
 from itk_infer.imageio import Geometry, read_volume, write_label_map
 from itk_infer.integrity import check_input
 from itk_infer.records import CaseOutcome, CaseRecord, outputs_intact, read_record, write_record
 from itk_infer.sinks import ConfidenceSink, LabelSink, LogitsSink
+from itk_infer.tta import mirrored
 from itk_infer.window import apply_window
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def resolve_inference_settings(settings: Settings, backend: Backend) -> Inferenc
             patch_size=settings.patch_size or config_patch or backend.static_patch_size,
             patch_stride=settings.patch_stride or config_stride,
             fp16=settings.fp16 and backend.fp16,
+            tta=settings.tta or bool(config.get("tta", False)),
         )
     except UsageError as error:
         raise ModelError(f"{source}: {error}") from None
@@ -92,6 +94,16 @@ class Model:
     def describe(self) -> dict[str, Any]:
         """The settings stored in records and compared on resume."""
         return self.inference.describe()
+
+    def run(self, voxels: np.ndarray, sinks: list[Any]) -> EngineStats:
+        """The sliding window over ``voxels`` with this model (mirrored with ``--tta``)."""
+        backend, inference = self.backend, self.inference
+        predict = backend.forward
+        if inference.settings.tta:
+            predict = mirrored(predict, static_batch=backend.static_batch_size is not None)
+        return slide(voxels, predict, inference.sliding, sinks, device=backend.device,
+                     static_batch_size=backend.static_batch_size,
+                     num_classes_hint=backend.num_classes)
 
 
 def load_model(
@@ -225,7 +237,7 @@ def infer_case(
         logits = LogitsSink(layout.logits(loaded.case), _logits_attributes(loaded, model))
     sinks = [s for s in (labels, logits, confidence) if s is not None]
     try:
-        stats = run_sliding_window(loaded.voxels, model.backend, model.inference.sliding, sinks)
+        stats = model.run(loaded.voxels, sinks)
     except BaseException:
         for sink in sinks:
             sink.abort()

@@ -25,6 +25,7 @@ INFERENCE_CONFIG_KEYS = frozenset(
         "accumulate_device",
         "forward_device",
         "argmax_batchsize",
+        "tta",
     }
 )
 

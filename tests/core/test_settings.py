@@ -93,8 +93,14 @@ def test_record_settings_are_the_fingerprint_settings(tmp_path, pointwise_model)
     assert main(["-i", str(inputs), "-o", str(tmp_path / "out"), "--onnx", str(pointwise_model),
                  "--device", "cpu", "--no-progress"]) == 0
     record = json.loads((tmp_path / "out" / ".itk_infer" / "a.json").read_text())
-    fingerprint = {name for name, spec, _d in settings_fields() if spec.fingerprint}
-    assert set(record["settings"]) - {"device"} == fingerprint
+    always = {name for name, spec, _d in settings_fields()
+              if spec.fingerprint and not spec.recorded_if_set}
+    assert set(record["settings"]) - {"device"} == always
+    # Settings added later are recorded when set, so older outputs stay valid on resume.
+    assert main(["-i", str(inputs), "-o", str(tmp_path / "tta"), "--onnx", str(pointwise_model),
+                 "--device", "cpu", "--no-progress", "--tta"]) == 0
+    record = json.loads((tmp_path / "tta" / ".itk_infer" / "a.json").read_text())
+    assert record["settings"]["tta"] is True
 
 
 def test_verbose_debug_describes_every_setting(tmp_path, pointwise_model, capsys) -> None:
