@@ -180,6 +180,16 @@ class Settings:
     preview: bool = setting(
         True, "bool", "draw the PNG preview of each case in the asset's metadata", "dagster",
         env="ITK_INFER_PREVIEW")
+    run_batch: int = setting(
+        32, "int", "new images per run started by the folder sensor (one model load each)",
+        "dagster", env="ITK_INFER_RUN_BATCH", minimum=1)
+    qc_min_confidence: float | None = setting(
+        None, "float", "QC check: a segmentation with a lower mean confidence needs review",
+        "dagster", env="ITK_INFER_QC_MIN_CONFIDENCE", minimum=0)
+    qc_volumes: str = setting(
+        "", "text", 'QC check: expected labels and volume ranges as JSON, e.g. {"liver": '
+        '{"min_ml": 800, "max_ml": 3500}} (default: the model\'s "qc" metadata)', "dagster",
+        env="ITK_INFER_QC_VOLUMES")
     sensor_interval: float = setting(
         30.0, "float", "seconds between folder sensor ticks (read when the code location "
         "loads)", "dagster", env="ITK_INFER_SENSOR_INTERVAL", positive=True)
