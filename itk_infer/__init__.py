@@ -3,7 +3,8 @@
 The core (this package) reads images, reorients them to LPI, windows intensities, runs a
 model over sliding windows with overlap blending and writes label maps, logits, confidences
 and per-case records atomically. The command line (:mod:`itk_infer.cli`) and the Dagster
-assets (``itk_infer_assets``) are thin faces over :func:`run_batch` and :func:`predict_case`.
+assets (``itk_infer_assets``) are thin faces over :func:`run_batch`, :func:`load_model` and
+:func:`predict_case` (see the README's "Architecture").
 Heavy modules are imported lazily so that ``import itk_infer`` stays cheap.
 """
 
@@ -14,30 +15,32 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "CaseResult",
     "InferenceSettings",
-    "ModelSpec",
+    "Model",
     "OutputOptions",
-    "Overrides",
-    "RunSettings",
+    "Settings",
     "SlidingWindowSettings",
     "WindowSettings",
     "__version__",
-    "load_backend",
+    "load_model",
     "predict_case",
     "run_batch",
+    "slide",
 ]
 
 _LAZY = {
+    "CaseResult": "itk_infer.pipeline",
     "InferenceSettings": "itk_infer.config",
-    "ModelSpec": "itk_infer.config",
+    "Model": "itk_infer.pipeline",
     "OutputOptions": "itk_infer.config",
-    "Overrides": "itk_infer.config",
-    "RunSettings": "itk_infer.config",
+    "Settings": "itk_infer.config",
     "SlidingWindowSettings": "itk_infer.config",
     "WindowSettings": "itk_infer.config",
-    "load_backend": "itk_infer.backends",
+    "load_model": "itk_infer.pipeline",
     "predict_case": "itk_infer.pipeline",
     "run_batch": "itk_infer.runner",
+    "slide": "itk_infer.engine",
 }
 
 

@@ -113,3 +113,10 @@ def test_readme_settings_table_is_the_schema() -> None:
     start = text.index("<!-- settings:start")
     block = text[text.index("\n", start) + 1 : text.index("<!-- settings:end -->")]
     assert block.strip() == settings_table()
+
+
+def test_public_names_resolve() -> None:
+    import itk_infer
+
+    missing = [name for name in itk_infer.__all__ if not hasattr(itk_infer, name)]
+    assert missing == []
