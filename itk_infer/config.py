@@ -138,6 +138,12 @@ class Settings:
     fp16: bool = setting(
         False, "bool", "half-precision model on CUDA (ignored on the CPU)", "inference",
         flags=("--fp16",), env="ITK_INFER_FP16", fingerprint=True)
+    output_space: str = setting(
+        "lpi", "choice", "grid of the label maps: lpi (the input reoriented to LPI, the "
+        "default) or input (voxel-aligned with the input file: same size, spacing, origin, "
+        "direction); logits stay on the LPI grid", "io", flags=("--output-space",),
+        env="ITK_INFER_OUTPUT_SPACE", fingerprint=True, recorded_if_set=True,
+        choices=("lpi", "input"))
     tta: bool = setting(
         False, "bool", "test-time mirroring: average the logits over the 8 mirror images of "
         "each window (8x the model's work)", "inference", flags=("--tta",),

@@ -126,13 +126,18 @@ def _read_volume(path: Path, safe: Path) -> Volume:
     )
 
 
-def write_label_map(labels: np.ndarray, geometry: Geometry, path: Path) -> int:
-    """Write a (Z, Y, X) label map with ``geometry`` to ``path`` atomically, compressed.
+def write_label_map(labels: np.ndarray, geometry: Geometry, path: Path,
+                    orientation: str = MODEL_ORIENTATION) -> int:
+    """Write a (Z, Y, X) LPI label map with ``geometry`` to ``path`` atomically, compressed.
 
-    The format follows the extension of ``path``. Returns the size of the written file.
+    ``orientation``: the orientation code to store it in; the input's own code puts it back on
+    the input's grid exactly (reorienting permutes and flips axes, it never resamples). The
+    format follows the extension of ``path``. Returns the size of the written file.
     """
     image = sitk.GetImageFromArray(np.ascontiguousarray(labels), isVector=False)
     geometry.apply_to(image)
+    if orientation != MODEL_ORIENTATION:
+        image = sitk.DICOMOrient(image, orientation)
     with atomic_output(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
         size = tmp.stat().st_size

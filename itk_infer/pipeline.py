@@ -20,7 +20,7 @@ from itk_infer.cases import Case, OutputLayout
 from itk_infer.config import InferenceSettings, OutputOptions, Settings, as_triple
 from itk_infer.engine import EngineStats, slide
 from itk_infer.errors import CaseError, ModelError, UsageError
-from itk_infer.imageio import Geometry, read_volume, write_label_map
+from itk_infer.imageio import MODEL_ORIENTATION, Geometry, read_volume, write_label_map
 from itk_infer.integrity import check_input
 from itk_infer.records import CaseOutcome, CaseRecord, outputs_intact, read_record, write_record
 from itk_infer.sinks import ConfidenceSink, LabelSink, LogitsSink
@@ -298,8 +298,10 @@ def write_case(inferred: InferredCase, model: Model, layout: OutputLayout) -> Ca
     outputs = {"labels": layout.labels(case).name}
     sizes = {}
     try:
+        space = model.inference.settings.output_space
         sizes["labels"] = write_label_map(
-            inferred.labels.labels, loaded.geometry, layout.labels(case)
+            inferred.labels.labels, loaded.geometry, layout.labels(case),
+            loaded.source_orientation if space == "input" else MODEL_ORIENTATION,
         )
         if inferred.logits is not None:
             sizes["logits"] = inferred.logits.finish()

@@ -1,0 +1,48 @@
+"""--output-space input: label maps voxel-aligned with the input file, equal in physical space
+to the default LPI label maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from itk_infer.cli import main
+from tests.conftest import LPI, RAS, write_volume
+from tests.models import pointwise_logits
+
+OBLIQUE = tuple(
+    sitk.VersorRigid3DTransform((0.2, 0.1, 0.05, float(np.sqrt(1 - 0.0525)))).GetMatrix()
+)
+PIR = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # axes permuted and flipped
+
+
+@pytest.mark.parametrize("direction", [LPI, RAS, PIR, OBLIQUE])
+@pytest.mark.parametrize("suffix", [".mha", ".nii.gz"])
+def test_input_space_matches_the_input_grid_and_the_lpi_labels(tmp_path, pointwise_model,
+                                                              direction, suffix):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    volume = np.random.default_rng(4).uniform(-1.2, 1.2, (9, 13, 17)).astype(np.float32)
+    write_volume(inp / f"v{suffix}", volume, direction=direction)
+    base = ["-i", str(inp), "--onnx", str(pointwise_model), "--device", "cpu", "--no-progress"]
+    assert main([*base, "-o", str(tmp_path / "lpi")]) == 0
+    assert main([*base, "-o", str(tmp_path / "input"), "--output-space", "input"]) == 0
+    source = sitk.ReadImage(str(inp / f"v{suffix}"))
+    native = sitk.ReadImage(str(tmp_path / "input" / f"v{suffix}"))
+    lpi = sitk.ReadImage(str(tmp_path / "lpi" / f"v{suffix}"))
+    assert native.GetSize() == source.GetSize()
+    np.testing.assert_allclose(native.GetSpacing(), source.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(native.GetOrigin(), source.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(native.GetDirection(), source.GetDirection(), atol=1e-6)
+    # Same label at the same physical point: every voxel centre of the input's grid.
+    labels_native = sitk.GetArrayFromImage(native)
+    labels_lpi = sitk.GetArrayFromImage(lpi)
+    for index in np.ndindex(*reversed(source.GetSize())):
+        point = source.TransformIndexToPhysicalPoint(tuple(int(i) for i in reversed(index)))
+        where = lpi.TransformPhysicalPointToIndex(point)
+        assert labels_native[index] == labels_lpi[tuple(reversed(where))]
+    # The pointwise model's labels depend on each voxel alone: on the input's own grid they
+    # are its function of the input array, with no reorientation at all.
+    windowed = (np.clip(volume, -1.0, 1.0) + 1.0) / 2.0  # wl 0, ww 2
+    np.testing.assert_array_equal(labels_native, pointwise_logits(windowed, 3).argmax(axis=0))
