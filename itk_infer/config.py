@@ -46,7 +46,7 @@ DEPLOYMENT_VARIABLES = {
 class Spec:
     """How one setting is typed, checked and exposed."""
 
-    kind: str  # path, text, choice, bool, float, int, triple
+    kind: str  # path, text, choice, bool, float, int, triple, spacing
     help: str
     group: str
     flags: tuple[str, ...] = ()  # command-line spellings; none: not on the command line
@@ -144,6 +144,12 @@ class Settings:
         "direction); logits stay on the LPI grid", "io", flags=("--output-space",),
         env="ITK_INFER_OUTPUT_SPACE", fingerprint=True, recorded_if_set=True,
         choices=("lpi", "input"))
+    spacing: tuple[float, float, float] | None = setting(
+        None, "spacing", "run the model at this voxel spacing in mm, Z Y X of the LPI volume "
+        "(default: the model's 'spacing', else the image's own): the image is resampled "
+        "linearly, the logits resampled back to the input's grid slab by slab",
+        "inference", flags=("--spacing",), env="ITK_INFER_SPACING", fingerprint=True,
+        recorded_if_set=True)
     tta: bool = setting(
         False, "bool", "test-time mirroring: average the logits over the 8 mirror images of "
         "each window (8x the model's work)", "inference", flags=("--tta",),
@@ -278,6 +284,16 @@ def as_triple(values: Sequence[int] | None, what: str) -> Triple | None:
     return (out[0], out[1], out[2])
 
 
+def as_spacing(values: Sequence[float] | None, what: str) -> tuple[float, float, float] | None:
+    """Validate a (Z, Y, X) spacing in mm: three finite numbers > 0; ``None`` passes."""
+    if values is None:
+        return None
+    out = tuple(float(v) for v in values)
+    if len(out) != 3 or not all(math.isfinite(v) and v > 0 for v in out):
+        raise UsageError(f"{what} needs three spacings > 0 in mm (Z Y X), got {list(values)}")
+    return (out[0], out[1], out[2])
+
+
 def _check(spec: Spec, value: Any) -> Any:
     """``value`` normalised to the setting's type, or :class:`UsageError` naming it."""
     label = spec.label
@@ -285,6 +301,8 @@ def _check(spec: Spec, value: Any) -> Any:
         return Path(value) if value not in (None, "") else None
     if spec.kind == "triple":
         return as_triple(value, label)
+    if spec.kind == "spacing":
+        return as_spacing(value, label)
     if value is None:
         return None
     if spec.kind == "choice" and value not in spec.choices:
@@ -328,8 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": name, "help": spec.help, "default": default}
         if spec.kind == "bool":
             kwargs["action"] = "store_false" if spec.negated else "store_true"
-        elif spec.kind == "triple":
-            kwargs.update(type=int, nargs=3, metavar=("Z", "Y", "X"))
+        elif spec.kind in ("triple", "spacing"):
+            kwargs.update(type=int if spec.kind == "triple" else float, nargs=3,
+                          metavar=("Z", "Y", "X"))
         elif spec.kind == "choice":
             kwargs["choices"] = spec.choices
         else:
@@ -356,13 +375,15 @@ def parse_env_value(spec: Spec, text: str) -> Any:
         if stripped.lower() in ("0", "false", "no", "off", ""):
             return False
         raise UsageError(f"{name}={text!r}: expected 1/0, true/false, yes/no or on/off")
-    if spec.kind == "triple":
+    if spec.kind in ("triple", "spacing"):
+        number = int if spec.kind == "triple" else float
+        what = "integers" if spec.kind == "triple" else "numbers"
         try:
-            values = [int(p) for p in stripped.replace(",", " ").split()]
+            values = [number(p) for p in stripped.replace(",", " ").strip("[]").split()]
         except ValueError:
-            raise UsageError(f"{name}={text!r}: expected three integers 'Z Y X'") from None
-        if len(values) != 3 or min(values) < 1:
-            raise UsageError(f"{name}={text!r}: expected three positive integers 'Z Y X'")
+            raise UsageError(f"{name}={text!r}: expected three {what} 'Z Y X'") from None
+        if len(values) != 3 or min(values) <= 0:
+            raise UsageError(f"{name}={text!r}: expected three positive {what} 'Z Y X'")
         return values
     if spec.kind in ("int", "float"):
         try:

@@ -17,12 +17,13 @@ from itk_infer import __version__
 from itk_infer.backends import load_backend
 from itk_infer.backends.base import Backend
 from itk_infer.cases import Case, OutputLayout
-from itk_infer.config import InferenceSettings, OutputOptions, Settings, as_triple
+from itk_infer.config import InferenceSettings, OutputOptions, Settings, Triple, as_triple
 from itk_infer.engine import EngineStats, slide
 from itk_infer.errors import CaseError, ModelError, UsageError
 from itk_infer.imageio import MODEL_ORIENTATION, Geometry, read_volume, write_label_map
 from itk_infer.integrity import check_input
 from itk_infer.records import CaseOutcome, CaseRecord, outputs_intact, read_record, write_record
+from itk_infer.resample import BackToInputGrid, needs_resampling, to_model_grid
 from itk_infer.sinks import ConfidenceSink, LabelSink, LogitsSink
 from itk_infer.tta import mirrored
 from itk_infer.window import apply_window
@@ -63,6 +64,7 @@ def resolve_inference_settings(settings: Settings, backend: Backend) -> Inferenc
             patch_stride=settings.patch_stride or config_stride,
             fp16=settings.fp16 and backend.fp16,
             tta=settings.tta or bool(config.get("tta", False)),
+            spacing=settings.spacing or defaults.spacing,
         )
     except UsageError as error:
         raise ModelError(f"{source}: {error}") from None
@@ -169,12 +171,14 @@ class LoadedCase:
     """A case read, reoriented and windowed, ready for the model."""
 
     case: Case
-    voxels: np.ndarray  # (Z, Y, X) float32 in [0, 1], LPI
-    geometry: Geometry
+    voxels: np.ndarray  # (Z, Y, X) float32 in [0, 1], LPI, on the model's grid
+    geometry: Geometry  # of the input's LPI grid, where the outputs go
     source_orientation: str
     input_size: int
     input_mtime: float
     read_seconds: float
+    # With a model spacing: the input's LPI shape and spacing (Z, Y, X) the outputs go back to.
+    input_grid: tuple[Triple, tuple[float, float, float]] | None = None
 
 
 def load_case(case: Case, inference: InferenceSettings) -> LoadedCase:
@@ -183,16 +187,24 @@ def load_case(case: Case, inference: InferenceSettings) -> LoadedCase:
     stat = case.path.stat()
     check_input(case.path)  # in the reader thread: overlapped with the model's work
     volume = read_volume(case.path)
+    geometry, orientation = volume.geometry, volume.source_orientation
     voxels = apply_window(volume.voxels, inference.window)
     _check_finite(case, volume.voxels, voxels, inference.settings.nonfinite)
+    del volume
+    spacing = tuple(reversed(geometry.spacing_mm))
+    model_spacing, input_grid = inference.settings.spacing, None
+    if needs_resampling(spacing, model_spacing):
+        input_grid = (voxels.shape, spacing)
+        voxels = to_model_grid(voxels, spacing, model_spacing)  # type: ignore[arg-type]
     return LoadedCase(
         case=case,
         voxels=voxels,
-        geometry=volume.geometry,
-        source_orientation=volume.source_orientation,
+        geometry=geometry,
+        source_orientation=orientation,
         input_size=stat.st_size,
         input_mtime=stat.st_mtime,
         read_seconds=time.perf_counter() - t0,
+        input_grid=input_grid,  # type: ignore[arg-type]
     )
 
 
@@ -236,8 +248,13 @@ def infer_case(
     if outputs.save_logits:
         logits = LogitsSink(layout.logits(loaded.case), _logits_attributes(loaded, model))
     sinks = [s for s in (labels, logits, confidence) if s is not None]
+    engine_sinks: list[Any] = sinks
+    if loaded.input_grid is not None:
+        shape, spacing = loaded.input_grid
+        engine_sinks = [BackToInputGrid(sinks, shape, spacing,
+                                        model.inference.settings.spacing)]  # type: ignore[arg-type]
     try:
-        stats = model.run(loaded.voxels, sinks)
+        stats = model.run(loaded.voxels, engine_sinks)
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -261,6 +278,9 @@ def _logits_attributes(loaded: LoadedCase, model: Model) -> dict[str, Any]:
         "blend": inference.sliding.blend,
         "model_fingerprint": model.fingerprint,
         "itk_infer_version": __version__,
+        # The array is on the input's LPI grid; the model ran at this spacing.
+        **({"model_spacing_zyx": list(inference.settings.spacing)}
+           if loaded.input_grid is not None else {}),
     }
 
 
@@ -341,7 +361,9 @@ def done_result(inferred: InferredCase, record: CaseRecord, started: float,
     result = CaseResult(loaded.case, "done", seconds=time.perf_counter() - started,
                         record=record)
     if keep_arrays:
-        result.labels, result.image = inferred.labels.labels, loaded.voxels
+        result.labels = inferred.labels.labels
+        # The windowed input, when the model ran on its grid (not a resampled copy).
+        result.image = loaded.voxels if loaded.input_grid is None else None
         result.spacing_zyx = tuple(reversed(loaded.geometry.spacing_mm))  # type: ignore[assignment]
     return result
 

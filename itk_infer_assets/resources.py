@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # How each kind of setting is typed in Dagster's config schema (no Paths or tuples there).
 _CONFIG_TYPES: dict[str, Any] = {
     "path": str | None, "text": str, "choice": str, "bool": bool, "float": float | None,
-    "int": int, "triple": list[int] | None,
+    "int": int, "triple": list[int] | None, "spacing": list[float] | None,
 }
 
 
@@ -92,9 +92,9 @@ def _resource_fields() -> dict[str, Any]:
     help (and its variable, so the UI says where it comes from)."""
     out: dict[str, Any] = {}
     for name, spec, default in settings_fields("env"):
-        if spec.kind == "path" or spec.kind == "triple":
-            default = None if default is None else (list(default) if spec.kind == "triple"
-                                                     else str(default))
+        if spec.kind in ("path", "triple", "spacing"):
+            default = None if default is None else (str(default) if spec.kind == "path"
+                                                     else list(default))
         out[name] = (_CONFIG_TYPES[spec.kind],
                      Field(default=default, description=f"{spec.help} ({spec.env})"))
     return out

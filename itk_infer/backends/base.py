@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from itk_infer.config import as_spacing
 from itk_infer.errors import ModelError, UsageError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ModelDefaults:
     window_level: float | None = None
     window_width: float | None = None
     inference_config: Mapping[str, Any] = field(default_factory=dict)
+    spacing: tuple[float, float, float] | None = None  # mm, Z Y X: what the model expects
 
 
 # Keys of the original tool that configs keep loading with, but that change nothing here:
@@ -70,6 +72,18 @@ def parse_inference_config_json(text: str, source: str) -> dict[str, Any]:
         return clean_inference_config(json.loads(text), source)
     except json.JSONDecodeError as error:
         raise ModelError(f"{source}: inference_config is not valid JSON: {error}") from None
+
+
+def parse_spacing(value: Any, source: str) -> tuple[float, float, float] | None:
+    """A model's declared spacing (JSON text or a list), checked; ``None`` when absent."""
+    if value is None:
+        return None
+    try:
+        values = json.loads(value) if isinstance(value, str) else value
+        return as_spacing(values, f"{source}: spacing")
+    except (ValueError, TypeError, UsageError) as error:
+        raise ModelError(f"{source}: spacing must be three numbers > 0 (Z Y X mm): "
+                         f"{error}") from None
 
 
 def fingerprint_files(paths: Iterable[Path], extra: str = "") -> str:

@@ -13,6 +13,7 @@ from itk_infer.backends.base import (
     ModelDefaults,
     fingerprint_files,
     parse_inference_config_json,
+    parse_spacing,
     require_file,
 )
 from itk_infer.errors import ModelError
@@ -98,6 +99,7 @@ def _read_defaults(session: Any, source: str) -> ModelDefaults:
         window_level=_parse_float(meta, "window_level", source),
         window_width=_parse_float(meta, "window_width", source),
         inference_config=config,
+        spacing=parse_spacing(meta.get("spacing"), source),
     )
 
 
