@@ -45,7 +45,7 @@ COPY pyproject.toml /tmp/itk_infer-build/pyproject.toml
 COPY ${WHEEL_DIR}/ /tmp/itk_infer-build/wheels/
 RUN set -eu; \
     cd /tmp/itk_infer-build; \
-    python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"]))' > requirements.txt; \
+    python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"] + p["project"]["optional-dependencies"]["mmengine"]))' > requirements.txt; \
     if [ -f wheels/constraints.txt ]; then set -- --constraint wheels/constraints.txt; else set --; fi; \
     pip install --find-links wheels "$@" "${TORCH_SPEC}" -r requirements.txt ${EXTRA_REQUIREMENTS}; \
     # mmengine asks for opencv-python, whose cv2 needs libGL; the headless build of the same

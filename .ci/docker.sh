@@ -247,7 +247,7 @@ if [ "$PIN_HOST" = 1 ]; then
     # The host's versions of what the image installs, as constraints: the same numpy,
     # onnxruntime, SimpleITK and dagster inside and outside the container.
     "$PY" "$REPO/tests/container/ci_helper.py" host-constraints "$REPO/pyproject.toml" \
-        "$TORCH_REQ" >"$ctx/deploy/wheels/constraints.txt" \
+        "$TORCH_REQ" mmengine >"$ctx/deploy/wheels/constraints.txt" \
         || fail "could not list the host's package versions"
     log "$(wc -l <"$ctx/deploy/wheels/constraints.txt") host versions pinned, e.g. $(grep -i -E \
         '^(torch|onnxruntime-gpu|numpy|simpleitk)==' "$ctx/deploy/wheels/constraints.txt" | tr '\n' ' ')"

@@ -24,7 +24,7 @@ def library_versions() -> dict[str, str]:
 
     versions = {"python": platform.python_version()}
     for name in ("itk_infer", "numpy", "SimpleITK", "torch", "onnxruntime-gpu", "onnxruntime",
-                 "mmengine", "zarr", "numcodecs"):
+                 "mmengine", "onedl-mmengine", "zarr", "numcodecs"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

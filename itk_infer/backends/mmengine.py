@@ -24,6 +24,13 @@ of a project that holds the config further down (``examples.mmengine_model`` for
 ``examples/demo/mmengine_config.py``), from whatever folder ``itk_infer`` is started. Those
 folders are on ``sys.path`` only while the config is read and the model is built; installed
 packages are never shadowed.
+
+Everything the model config needs is imported before the model is built: the modules behind
+its lazy imports, ``custom_imports`` and dotted type strings (``itkit.models.X``). A module
+that is not installed (or fails to import) is a :class:`~itk_infer.errors.ModelError` that
+names the missing module and the package to install, so the run stops with exit 2 before
+any case. ``mmengine`` itself may come from ``mmengine`` or from ITKIT's ``onedl-mmengine``
+(the same import package); :func:`require_mmengine` checks that one of them is there.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import logging
@@ -47,6 +55,7 @@ from itk_infer.backends.base import (
     ModelDefaults,
     clean_inference_config,
     fingerprint_files,
+    parse_spacing,
     require_file,
 )
 from itk_infer.backends.checkpoint import extract_state_dict, load_checkpoint
@@ -85,6 +94,87 @@ def _imported_names(config_path: Path) -> set[str]:
     return names
 
 
+# Where the package to install is not named like its top-level module, or comes in two
+# flavours (OpenMMLab's releases and the OneDL forks that ITKIT installs).
+_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "itkit": ("itkit",),
+    "mmseg": ("onedl-mmsegmentation", "mmsegmentation"),
+    "mmcv": ("onedl-mmcv",),
+    "monai": ("monai",),
+    "mmengine": ("mmengine", "onedl-mmengine"),
+}
+_MIN_MMENGINE = (0, 10, 4)
+_MMENGINE_DISTRIBUTIONS = ("mmengine", "onedl-mmengine")
+
+
+def install_hint(module: str) -> str:
+    """Which package provides ``module`` and how to install it."""
+    top = module.split(".")[0]
+    known = _DISTRIBUTIONS.get(top)
+    if known is None:
+        return (f"this config needs the package `{top}` (pip install {top}); if `{top}` is "
+                f"your own code, put {top}.py or the package {top}/ next to the config or in "
+                "a folder above it")
+    names = " or ".join(f"`{name}`" for name in known)
+    return f"this config needs the package {names} (pip install {known[0]})"
+
+
+def _missing_module(error: BaseException) -> str | None:
+    """The module a ModuleNotFoundError is about (MMEngine re-raises it without ``name``)."""
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return error.name
+    match = re.search(r"No module named '([^']+)'", str(error))
+    return match.group(1) if match else None
+
+
+def import_failure(source: str, what: str, error: BaseException) -> ModelError:
+    """The usage error for something the config needs that does not import."""
+    missing = _missing_module(error)
+    if missing is not None:
+        return ModelError(f"{source}: {what}: no module named {missing!r}; "
+                          f"{install_hint(missing)}")
+    return ModelError(f"{source}: {what}: {type(error).__name__}: {error}")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def require_mmengine() -> str:
+    """Check that some distribution provides a usable ``mmengine``; returns its version.
+
+    ``mmengine`` and ``onedl-mmengine`` install the same ``mmengine`` folder, so either one
+    serves. Having both means two packages own one folder: uninstalling either breaks the
+    other, and the files are those of whichever was installed last, hence the warning.
+
+    Raises:
+        ModelError: no ``mmengine`` module, or one older than 0.10.4.
+    """
+    try:
+        import mmengine
+    except Exception as error:  # absent, or a folder that two installs left inconsistent
+        raise ModelError(
+            f"the MMEngine backend needs the module `mmengine` ({type(error).__name__}: "
+            f"{error}): pip install 'itk_infer[mmengine]', or ITKIT's onedl-mmengine (pip "
+            "install onedl-mmengine), which provides the same module"
+        ) from None
+    version = str(getattr(mmengine, "__version__", "0"))
+    if _version_tuple(version) < _MIN_MMENGINE:
+        raise ModelError(f"mmengine {version} is too old for the MMEngine backend; install "
+                         "mmengine>=0.10.4 or onedl-mmengine")
+    installed = {}
+    for name in _MMENGINE_DISTRIBUTIONS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            installed[name] = importlib.metadata.version(name)
+    if len(installed) > 1:
+        log.warning(
+            "both %s are installed; they share the `mmengine` folder (now version %s), and "
+            "uninstalling either breaks the other. Keep one: pip uninstall -y mmengine "
+            "onedl-mmengine, then pip install the one you want",
+            " and ".join(f"{name} {v}" for name, v in installed.items()), version)
+    return version
+
+
 def _importable(top: str) -> bool:
     if top in sys.modules:
         return True
@@ -108,6 +198,81 @@ def import_roots(config_path: Path, modules: Iterable[str]) -> list[str]:
                     roots.append(str(folder))
                 break
     return roots
+
+
+def _import_module(name: str, source: str, what: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except Exception as error:  # missing packages, and modules that fail while importing
+        raise import_failure(source, what, error) from None
+
+
+def _walk(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(path, value) of every leaf under ``value``, without building MMEngine's lazy objects."""
+    if isinstance(value, dict):  # dict.items: ConfigDict.items() would import lazy values
+        for key, item in dict.items(value):
+            yield from _walk(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _walk(item, f"{path}[{index}]")
+    else:
+        yield path, value
+
+
+def _check_lazy(value: Any, source: str, where: str) -> None:
+    """Import what a lazy import of the config stands for (MMEngine's own error would lose
+    the name of the missing module)."""
+    from mmengine.config.lazy import LazyAttr
+
+    root = value
+    while isinstance(root, LazyAttr):
+        root = root.source
+    modules = [root._module] if isinstance(root._module, str) else list(root._module)
+    for module in modules:
+        _import_module(module, source, f"{where}: cannot import {module!r} (imported by the "
+                                       "config)")
+    try:
+        value.build()
+    except Exception as error:  # the module imports but lacks the imported name
+        raise ModelError(f"{source}: {where}: {error}; is the installed package the version "
+                         "the config was written for?") from None
+
+
+def _check_dotted_type(type_name: str, source: str, where: str) -> None:
+    """The modules of a dotted type string (``itkit.models.X``, or a scope ``mmseg.X``) must
+    import; whether the name itself exists is left to the registry."""
+    parts = type_name.split(".")
+    what = f"{where} {type_name!r}: cannot import module"
+    target = _import_module(parts[0], source, f"{what} {parts[0]!r}")
+    for index in range(1, len(parts) - 1):
+        attribute = getattr(target, parts[index], None)
+        if attribute is not None and not inspect.ismodule(attribute):
+            return  # the rest are attributes of an object
+        name = ".".join(parts[: index + 1])
+        try:
+            target = importlib.import_module(name)
+        except Exception as error:
+            if _missing_module(error) == name:
+                return  # no such submodule: a registered name, not a module path
+            raise import_failure(source, f"{what} {name!r}", error) from None
+    if len(parts) > 2 and not hasattr(target, parts[-1]):  # 'scope.Name' has two parts
+        raise ModelError(f"{source}: {where} {type_name!r}: module "
+                         f"{'.'.join(parts[:-1])!r} has no {parts[-1]!r}")
+
+
+def check_model_imports(model_cfg: Mapping[str, Any], source: str) -> None:
+    """Import every module the model config needs: its lazy imports and dotted type strings.
+
+    Raises:
+        ModelError: one does not import; names the missing module and the package.
+    """
+    from mmengine.config.lazy import LazyAttr, LazyObject
+
+    for where, value in _walk(model_cfg, "model"):
+        if isinstance(value, LazyObject | LazyAttr):
+            _check_lazy(value, source, where)
+        elif where.endswith(".type") and isinstance(value, str) and "." in value:
+            _check_dotted_type(value, source, where)
 
 
 @contextlib.contextmanager
@@ -155,6 +320,11 @@ def _unregistered(model_type: str, registry: Any) -> ModelError:
     )
 
 
+def _plain(value: Any) -> Any:
+    """A config value as plain Python (lists in configs may be tuples or ConfigList)."""
+    return list(value) if isinstance(value, list | tuple) else value
+
+
 class MMEngineBackend:
     """A segmentation model built by MMEngine from ``cfg_path`` with weights from
     ``ckpt_path`` (loaded safely unless ``trust_checkpoint``)."""
@@ -174,6 +344,7 @@ class MMEngineBackend:
         self.device = device
         self.fp16 = bool(fp16) and device.type == "cuda"
         source = self.cfg_path.name
+        require_mmengine()
 
         # The checkpoint first: a refused file stops the run before any model code runs.
         weights = extract_state_dict(
@@ -198,6 +369,7 @@ class MMEngineBackend:
                 else inference_config,
                 f"{source}: model.inference_config",
             ),
+            spacing=parse_spacing(_plain(cfg.get("spacing")), source),
         )
         self.fingerprint = fingerprint_files([self.ckpt_path, self.cfg_path])
         self.static_patch_size = None
@@ -215,6 +387,8 @@ class MMEngineBackend:
         path = self.cfg_path
         try:
             cfg = Config.fromfile(str(path), import_custom_modules=False)
+        except ImportError as error:  # a plain config that imports a missing package
+            raise import_failure(path.name, "cannot read the config", error) from None
         except Exception as error:  # mmengine raises many types for broken configs
             raise ModelError(
                 f"cannot read config {path}: {type(error).__name__}: {error}"
@@ -239,11 +413,11 @@ class MMEngineBackend:
                 log.warning("%s: custom_imports: cannot import %r (allowed to fail): %s",
                             self.cfg_path.name, module, error)
                 return
-            raise ModelError(
-                f"{self.cfg_path.name}: custom_imports cannot import {module!r}: {error}. "
-                "Modules are looked for on sys.path, next to the config and in the folders "
-                "above it"
-            ) from None
+            if _missing_module(error) is None:  # the module is there but lacks a name
+                raise ModelError(f"{self.cfg_path.name}: custom_imports cannot import "
+                                 f"{module!r}: {error}") from None
+            raise import_failure(self.cfg_path.name, f"custom_imports cannot import {module!r}",
+                                 error) from None
         except Exception as error:  # the module itself failed (syntax, registry clash, ...)
             raise ModelError(
                 f"{self.cfg_path.name}: custom_imports module {module!r} failed to import: "
@@ -257,6 +431,8 @@ class MMEngineBackend:
         model_cfg = cfg.get("model")
         if not isinstance(model_cfg, Mapping) or "type" not in model_cfg:
             raise ModelError(f"{source}: needs model = dict(type=..., ...)")
+        # Before building: an import failure inside the build would lose the module's name.
+        check_model_imports(model_cfg, source)
         build_cfg = dict(model_cfg)
         model_type = build_cfg["type"]
         with DefaultScope.overwrite_default_scope(cfg.get("default_scope")), \
@@ -280,6 +456,9 @@ class MMEngineBackend:
                 raise ModelError(
                     f"{source}: cannot build model {_type_name(model_type)!r}: KeyError: {error}"
                 ) from None
+            except ImportError as error:  # imports made by the model's own constructor
+                raise import_failure(
+                    source, f"cannot build model {_type_name(model_type)!r}", error) from None
             except Exception as error:
                 raise ModelError(
                     f"{source}: cannot build model {_type_name(model_type)!r}: "

@@ -706,3 +706,12 @@ def test_demo_config_runs_from_another_folder(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "small.mha").is_file()
+
+
+def test_config_spacing_is_the_models_spacing(tmp_path):
+    cfg = write_config(tmp_path / "config.py", segmentor(), header="spacing = [2.0, 1.0, 1.5]")
+    backend = MMEngineBackend(cfg, save_checkpoint(tmp_path / "ckpt.pth"), CPU)
+    assert backend.defaults.spacing == (2.0, 1.0, 1.5)
+    bad = write_config(tmp_path / "bad.py", segmentor(), header="spacing = [2.0, -1.0]")
+    with pytest.raises(ModelError, match="spacing"):
+        MMEngineBackend(bad, save_checkpoint(tmp_path / "ckpt2.pth"), CPU)
