@@ -23,7 +23,7 @@ from itk_infer.errors import CaseError, ModelError, UsageError
 from itk_infer.imageio import MODEL_ORIENTATION, Geometry, read_volume, write_label_map
 from itk_infer.integrity import check_input
 from itk_infer.records import CaseOutcome, CaseRecord, outputs_intact, read_record, write_record
-from itk_infer.resample import BackToInputGrid, needs_resampling, to_model_grid
+from itk_infer.resample import BackToInputGrid, grid_spacing, needs_resampling, to_model_grid
 from itk_infer.sinks import ConfidenceSink, LabelSink, LogitsSink
 from itk_infer.tta import mirrored
 from itk_infer.window import apply_window
@@ -251,8 +251,8 @@ def infer_case(
     engine_sinks: list[Any] = sinks
     if loaded.input_grid is not None:
         shape, spacing = loaded.input_grid
-        engine_sinks = [BackToInputGrid(sinks, shape, spacing,
-                                        model.inference.settings.spacing)]  # type: ignore[arg-type]
+        real = grid_spacing(shape, spacing, model.inference.settings.spacing)  # type: ignore[arg-type]
+        engine_sinks = [BackToInputGrid(sinks, shape, spacing, real)]
     try:
         stats = model.run(loaded.voxels, engine_sinks)
     except BaseException:
@@ -279,7 +279,8 @@ def _logits_attributes(loaded: LoadedCase, model: Model) -> dict[str, Any]:
         "model_fingerprint": model.fingerprint,
         "itk_infer_version": __version__,
         # The array is on the input's LPI grid; the model ran at this spacing.
-        **({"model_spacing_zyx": list(inference.settings.spacing)}
+        **({"model_spacing_zyx": list(grid_spacing(*loaded.input_grid,  # type: ignore[arg-type]
+                                                   inference.settings.spacing))}
            if loaded.input_grid is not None else {}),
     }
 

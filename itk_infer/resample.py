@@ -1,7 +1,11 @@
 """Running a model at the voxel spacing it was trained at, with outputs on the input's grid.
 
 The windowed LPI volume is resampled to the model's spacing (linear interpolation of the
-intensities, SimpleITK; same origin and direction, the extent rounded to whole voxels). The
+intensities, SimpleITK; same origin and direction). The voxel count per axis is the extent
+over the model's spacing, rounded, and the spacing then adjusted a little so that the first
+and last voxels of both grids coincide (as nnU-Net rounds shapes): no point is extrapolated,
+and the way back is a corner-aligned linear interpolation, done per slab by torch's
+``interpolate`` in-plane and by a blend of two model slices along Z. The
 engine runs there, and :class:`BackToInputGrid` resamples the blended logits back to the
 input's LPI grid slab by slab (trilinear, like the intensities) before the argmax, so the
 full-resolution logits of all classes are never held: only the model-grid slab in hand, one
@@ -36,18 +40,27 @@ def model_grid_shape(shape_zyx: Triple, spacing_zyx: Sequence[float],
                  for n, s, m in zip(shape_zyx, spacing_zyx, model_zyx, strict=True))
 
 
+def grid_spacing(shape_zyx: Triple, spacing_zyx: Sequence[float],
+                 model_zyx: Sequence[float]) -> tuple[float, float, float]:
+    """The spacing the model grid really has: its first and last voxels on the input's."""
+    model_shape = model_grid_shape(shape_zyx, spacing_zyx, model_zyx)
+    return tuple(  # type: ignore[return-value]
+        (n - 1) * s / (m - 1) if m > 1 and n > 1 else float(want)
+        for n, s, m, want in zip(shape_zyx, spacing_zyx, model_shape, model_zyx, strict=True))
+
+
 def to_model_grid(voxels: np.ndarray, spacing_zyx: Sequence[float],
                   model_zyx: Sequence[float]) -> np.ndarray:
-    """``voxels`` (Z, Y, X) resampled linearly to ``model_zyx`` mm, same origin; points past
-    the last input voxel take the nearest edge value (as the engine's padding does)."""
+    """``voxels`` (Z, Y, X) resampled linearly to the model grid of :func:`grid_spacing`."""
     image = sitk.GetImageFromArray(voxels)
     image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
     shape = model_grid_shape(voxels.shape, spacing_zyx, model_zyx)  # type: ignore[arg-type]
     reference = sitk.Image([int(n) for n in reversed(shape)], sitk.sitkFloat32)
-    reference.SetSpacing(tuple(float(s) for s in reversed(model_zyx)))
-    # Clamp to the edge: extend the image by one edge slice per axis first, so that model
-    # points up to half a model voxel past the input's last voxel interpolate, not fill.
-    padded = sitk.ZeroFluxNeumannPad(image, [0, 0, 0], [2, 2, 2])
+    effective = grid_spacing(voxels.shape, spacing_zyx, model_zyx)  # type: ignore[arg-type]
+    reference.SetSpacing(tuple(float(s) for s in reversed(effective)))
+    # Rounding can put the last model point a hair past the last input voxel: one edge slice
+    # of padding keeps it interpolated instead of filled.
+    padded = sitk.ZeroFluxNeumannPad(image, [0, 0, 0], [1, 1, 1])
     out = sitk.Resample(padded, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
                         sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
@@ -63,20 +76,13 @@ def _axis_weights(target: int, target_mm: float, source: int, source_mm: float
     return lower, upper, (u - lower).float()
 
 
-def _lerp(tensor: torch.Tensor, dim: int, axis: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    lower, upper, weight = axis
-    shape = [1] * tensor.dim()
-    shape[dim] = -1
-    a = tensor.index_select(dim, lower)
-    b = tensor.index_select(dim, upper)
-    return a.lerp_(b, weight.view(shape))
-
-
 class BackToInputGrid(Sink):
     """Takes model-grid slabs and hands input-grid slabs to ``sinks``, in increasing Z.
 
-    Input slice j lies at model position u = j x s_in / s_model; it is emitted as soon as
-    the model slices floor(u) and floor(u) + 1 have arrived.
+    ``model_zyx`` is the model grid's real spacing (:func:`grid_spacing`): the grids' first
+    and last voxels coincide, so in-plane the interpolation is corner-aligned. Input slice j
+    lies at model position u = j x s_in / s_model; it is emitted as soon as the model slices
+    floor(u) and floor(u) + 1 have arrived.
     """
 
     def __init__(self, sinks: Sequence[Sink], shape_zyx: Triple, spacing_zyx: Sequence[float],
@@ -89,14 +95,14 @@ class BackToInputGrid(Sink):
 
     def begin(self, num_classes: int, shape_zyx: Triple) -> None:
         self.model_shape = shape_zyx
-        self.ys = _axis_weights(self.shape[1], self.spacing[1], shape_zyx[1], self.model[1])
-        self.xs = _axis_weights(self.shape[2], self.spacing[2], shape_zyx[2], self.model[2])
         self.zs = _axis_weights(self.shape[0], self.spacing[0], shape_zyx[0], self.model[0])
         for sink in self.sinks:
             sink.begin(num_classes, self.shape)
 
     def consume(self, slab: Slab) -> None:
-        plane = _lerp(_lerp(slab.logits.float(), 2, self.ys), 3, self.xs)  # (C, dz, Yt, Xt)
+        # (C, dz, Ym, Xm) -> (C, dz, Yt, Xt): classes as the batch, slices as channels.
+        plane = torch.nn.functional.interpolate(slab.logits.float(), size=self.shape[1:],
+                                                mode="bilinear", align_corners=True)
         first = slab.z_start
         if self.carry is not None:
             plane, first = torch.cat([self.carry, plane], dim=1), self.carry_index
