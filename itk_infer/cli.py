@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
             "folder with sliding-window inference; write LPI label maps (and optionally "
             "logits and confidences). Rerunning skips finished cases."
         ),
-        epilog="Exit codes: 0 ok, 1 some case failed, 2 usage error, 130 interrupted.",
+        epilog="Exit codes: 0 ok, 1 some case failed, 2 usage error, 130 interrupted. "
+        "'itk_infer serve --help': the inference server for 3D Slicer.",
     )
     # Every setting's option comes from the schema (itk_infer.config.Settings).
     add_arguments(parser)
@@ -64,6 +65,11 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code (also used as the console script)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the server has its own options (itk_infer.server.cli)
+        from itk_infer.server.cli import main as serve
+
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
