@@ -122,9 +122,15 @@ def confidence_rows(folder: Path) -> list[tuple[str, float]]:
             if r.confidence is not None and outputs_intact(layout, r)]
 
 
-def write_confidences(folder: Path, rows: list[tuple[str, float]] | None = None) -> Path:
+REVIEW_COLUMNS = ["Case", "Failed checks", "Details"]
+
+
+def write_confidences(folder: Path, rows: list[tuple[str, float]] | None = None,
+                      review: list[tuple[str, str, str]] | None = None) -> Path:
     """Write ``confidences.xlsx`` (sheet ``Confidences``: ``Case``, ``Confidence``) from
-    ``rows``, by default :func:`confidence_rows` of ``folder``."""
+    ``rows``, by default :func:`confidence_rows` of ``folder``; with ``review`` rows (case,
+    failed checks, details), also a sheet ``Review`` (only then: the CLI's table stays one
+    sheet)."""
     import pandas as pd
 
     layout = OutputLayout(Path(folder))
@@ -136,7 +142,15 @@ def write_confidences(folder: Path, rows: list[tuple[str, float]] | None = None)
     lock = try_lock(layout, Case(layout.confidences.name, layout.confidences), wait=True)
     try:
         with atomic_output(layout.confidences) as tmp:
-            frame.to_excel(tmp, sheet_name="Confidences", index=False, engine="openpyxl")
+            if not review:
+                frame.to_excel(tmp, sheet_name="Confidences", index=False, engine="openpyxl")
+            else:
+                flagged = pd.DataFrame([(_cell_text(c), checks, details)
+                                        for c, checks, details in review],
+                                       columns=REVIEW_COLUMNS)
+                with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
+                    frame.to_excel(writer, sheet_name="Confidences", index=False)
+                    flagged.to_excel(writer, sheet_name="Review", index=False)
     finally:
         if lock is not None:
             lock.release()

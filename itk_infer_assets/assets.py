@@ -1,20 +1,30 @@
-"""The assets: ``segmentation`` + ``logits`` (one GPU step per run, partitioned by image) and
-``confidences`` (the CLI's table, rebuilt after new segmentations).
+"""The assets: ``segmentation`` + ``logits`` (one GPU step per run, partitioned by image) with
+its QC asset checks, and ``confidences`` (the CLI's table, rebuilt after new segmentations,
+plus a Review sheet of the cases that failed QC).
 
 The step calls the same core as the command line: it loads the model once, then runs the
 run's partitions through :func:`itk_infer.caseloop.run_cases` (read-ahead and write-behind),
-one output folder at a time. Outputs land where the CLI would put them; metadata and previews
-come from the per-case results in memory, never from re-reading what was just written.
+one output folder at a time. Outputs land where the CLI would put them; metadata, previews
+and QC come from the per-case results in memory, never from re-reading what was just written.
+
+Each partition gets its own materialisation event (metadata, and the data version of its
+input file: size and mtime) and its own QC results, logged as its case finishes: a run over
+a range of partitions cannot give each partition its own data version through one output.
 """
 
 # No `from __future__ import annotations`: Dagster reads the context/config annotations.
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from dagster import (
     AllPartitionMapping,
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
     AssetKey,
@@ -23,26 +33,33 @@ from dagster import (
     AutomationCondition,
     BackfillPolicy,
     Config,
+    DagsterInstance,
     Failure,
     MaterializeResult,
     MetadataValue,
+    PreviewWarning,
     asset,
     multi_asset,
 )
 
 from itk_infer.caseloop import prepare_output, run_cases
-from itk_infer.cases import Case, OutputLayout
+from itk_infer.cases import Case, OutputLayout, case_name
 from itk_infer.config import OutputOptions
 from itk_infer.errors import ItkInferError
 from itk_infer.pipeline import CaseResult, Model
 from itk_infer.records import confidence_rows, write_confidences
 from itk_infer_assets.partitions import (
+    BATCH_SIZE_TAG,
+    DATA_VERSION_IS_USER_PROVIDED_TAG,
+    DATA_VERSION_TAG,
     IMAGES_PARTITIONS_NAME,
     PartitionKeyError,
     images_partitions,
+    input_version,
     key_folder,
 )
 from itk_infer_assets.preview import markdown_image, preview_png
+from itk_infer_assets.qc import CHECK_DESCRIPTIONS, QcSpec, evaluate, qc_spec
 from itk_infer_assets.resources import ItkInferResource
 
 GROUP = "itk_infer"
@@ -134,15 +151,48 @@ def _preview(context: AssetExecutionContext, key: str, result: CaseResult) -> st
     return markdown_image(png, f"{result.case.name}: axial, coronal, sagittal")
 
 
+def _log_done(context: AssetExecutionContext, key: str, result: CaseResult,
+              layout: OutputLayout, model: Model, spec: QcSpec | None,
+              previews: bool) -> None:
+    """Log a done case's materialisations (metadata, its input's data version) and its QC
+    results, from the result in memory."""
+    selected = context.selected_asset_keys
+    record = result.record
+    assert record is not None  # only done cases get here
+    metadata: dict[AssetKey, dict] = {}
+    if SEGMENTATION in selected:
+        preview = _preview(context, key, result) if previews else None
+        metadata[SEGMENTATION] = _segmentation_metadata(result, layout, model, preview)
+    if LOGITS in selected:
+        metadata[LOGITS] = _logits_metadata(result, layout)
+    # The version of the input the record says was read: a file replaced since then has
+    # another version, so the sensor runs it again.
+    tags = {DATA_VERSION_TAG: input_version(record.input_size, record.input_mtime),
+            DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+    for asset_key, values in metadata.items():
+        context.log_event(AssetMaterialization(asset_key, partition=key, metadata=values,
+                                               tags=tags))
+    if spec is None:
+        return
+    checks = {k.name for k in context.selected_asset_check_keys if k.asset_key == SEGMENTATION}
+    for outcome in evaluate(record, spec, result.case.path, layout.labels(result.case),
+                            result.spacing_zyx):
+        if outcome.name in checks:
+            context.log_event(AssetCheckEvaluation(
+                asset_key=SEGMENTATION, check_name=outcome.name, passed=outcome.passed,
+                partition=key, metadata=outcome.metadata, description=outcome.description,
+                severity=AssetCheckSeverity.ERROR, blocking=False))
+
+
 def _run_folders(context: AssetExecutionContext, itk_infer: ItkInferResource, model: Model,
-                 groups: dict[Path, list[tuple[str, Case]]], failed: dict[str, str]
-                 ) -> dict[str, dict[AssetKey, dict]]:
-    """Run each output folder's cases through the core's case loop; returns the metadata of
-    each done key, and adds the others to ``failed``."""
+                 groups: dict[Path, list[tuple[str, Case]]], failed: dict[str, str],
+                 spec: QcSpec | None) -> list[str]:
+    """Run each output folder's cases through the core's case loop, logging each done case
+    as it finishes; returns the done keys, and adds the others to ``failed``."""
     selected = context.selected_asset_keys
     outputs = OutputOptions(save_logits=LOGITS in selected, save_conf=True)
     previews = bool(itk_infer.preview) and SEGMENTATION in selected
-    per_key: dict[str, dict[AssetKey, dict]] = {}
+    done: list[str] = []
     for folder, items in groups.items():
         layout = prepare_output(folder)
         key_of = {case.name: key for key, case in items}
@@ -154,19 +204,47 @@ def _run_folders(context: AssetExecutionContext, itk_infer: ItkInferResource, mo
                 failed[key] = result.reason or "finished without a record"
                 context.log.error(f"{key} failed: {failed[key]}")
                 return
-            metadata: dict[AssetKey, dict] = {}
-            if SEGMENTATION in selected:
-                preview = _preview(context, key, result) if previews else None
-                metadata[SEGMENTATION] = _segmentation_metadata(result, layout, model, preview)
-            if LOGITS in selected:
-                metadata[LOGITS] = _logits_metadata(result, layout)
-            per_key[key] = metadata
+            _log_done(context, key, result, layout, model, spec, previews)
+            done.append(key)
 
         # A materialisation always redoes its cases; confidence is always computed, since the
         # confidences table only lists cases that have one.
         run_cases([case for _, case in items], model, layout, outputs, overwrite=True,
                   keep_arrays=previews, on_result=on_result)
-    return per_key
+    return done
+
+
+def _check_run(context: AssetExecutionContext, keys: list[str]) -> None:
+    """Refuse runs this step cannot do right."""
+    if not context.selected_asset_keys:
+        raise Failure(description="the QC checks are evaluated by the segmentation step from "
+                                  "the case in memory: materialise the partitions to re-check")
+    expected = context.run.tags.get(BATCH_SIZE_TAG, "")
+    if expected.isdigit() and len(keys) > int(expected):
+        # The folder sensor's range: its keys were added together, so it should hold exactly
+        # them; more means partitions were added between its ends by someone else.
+        raise Failure(description=(
+            f"the run's partition range {keys[0]} to {keys[-1]} resolves to {len(keys)} keys, "
+            f"but the folder sensor put {expected} in it (partitions were added in between "
+            "elsewhere); nothing was run: materialise these keys as a backfill"))
+
+
+def _qc_spec(context: AssetExecutionContext, itk_infer: ItkInferResource) -> QcSpec | None:
+    """The QC thresholds, or ``None`` when the run evaluates no check."""
+    if not any(k.asset_key == SEGMENTATION for k in context.selected_asset_check_keys):
+        return None
+    return qc_spec(itk_infer.settings(), itk_infer.qc_volumes, itk_infer.qc_min_confidence)
+
+
+with warnings.catch_warnings():
+    # One result per image is what the UI should show, so the checks are partitioned like the
+    # asset; that is a preview feature of the pinned dagster release, hence its warning.
+    warnings.simplefilter("ignore", PreviewWarning)
+    QC_CHECKS = [
+        AssetCheckSpec(name, asset=SEGMENTATION, partitions_def=images_partitions,
+                       description=text, blocking=False)
+        for name, text in CHECK_DESCRIPTIONS.items()
+    ]
 
 
 @multi_asset(
@@ -190,6 +268,7 @@ def _run_folders(context: AssetExecutionContext, itk_infer: ItkInferResource, mo
                         "with it). Deselect to write none.",
         ),
     ],
+    check_specs=QC_CHECKS,
     can_subset=True,
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
@@ -202,38 +281,33 @@ def itk_infer_inference(
 ) -> Iterator[MaterializeResult]:
     selected = context.selected_asset_keys
     keys = list(context.partition_keys)
+    _check_run(context, keys)
     t0 = time.perf_counter()
     try:
         groups, failed = _plan(itk_infer, keys)
+        spec = _qc_spec(context, itk_infer)
         with itk_infer.leased_device(context.log) as device:
             context.log.info(f"{len(keys)} partition(s) on {device}; "
                              f"logits: {LOGITS in selected}")
             model = itk_infer.load_model(device)
             load_s = time.perf_counter() - t0
-            per_key = _run_folders(context, itk_infer, model, groups, failed)
+            done = _run_folders(context, itk_infer, model, groups, failed, spec)
     except (ItkInferError, TimeoutError) as error:
         # Settings, model or devices: nothing of this run can succeed.
         raise Failure(description=f"{type(error).__name__}: {error}") from error
 
-    context.log.info(f"{len(per_key)} done, {len(failed)} failed in "
+    context.log.info(f"{len(done)} done, {len(failed)} failed in "
                      f"{time.perf_counter() - t0:.1f} s (model load {load_s:.1f} s)")
-
     if failed:
-        # The cases that worked are complete on disk: record them, then fail the step.
-        for key, metadata in per_key.items():
-            for asset_key, values in metadata.items():
-                context.log_event(AssetMaterialization(asset_key, partition=key, metadata=values))
+        # The cases that worked are complete on disk and already logged as materialised.
         reasons = [f"{key}: {reason}" for key, reason in sorted(failed.items())]
         raise Failure(
             description=f"{len(failed)} of {len(keys)} case(s) failed: " + "; ".join(reasons),
             metadata={"failed": MetadataValue.json(dict(sorted(failed.items())))},
         )
-    for key, metadata in per_key.items():
-        for asset_key, values in metadata.items():
-            context.add_asset_metadata(values, asset_key=asset_key, partition_key=key)
-    for asset_key in (SEGMENTATION, LOGITS):
-        if asset_key in selected:
-            yield MaterializeResult(asset_key=asset_key)
+    # No outputs (both assets are skippable): each partition's materialisation was logged
+    # with its own metadata and data version above.
+    yield from ()
 
 
 # After new segmentations, once none is still running (so a burst of sensor runs gives one
@@ -255,13 +329,61 @@ def _records_mtime_ns(layout: OutputLayout) -> int:
     return layout.records_folder.stat().st_mtime_ns
 
 
+def qc_failures(instance: DagsterInstance) -> dict[str, list[tuple[str, str]]]:
+    """Partition key → ``(check, description)`` of each QC check whose latest result for that
+    partition failed (a partition materialised again and passing drops out)."""
+    # Storage-level queries, as the webserver makes them; dagster is pinned to one release.
+    from dagster._core.event_api import PartitionKeyFilter
+    from dagster._core.storage.asset_check_execution_record import (
+        AssetCheckExecutionRecordStatus,
+    )
+
+    storage = instance.event_log_storage
+    check_keys = [AssetCheckKey(SEGMENTATION, name) for name in CHECK_DESCRIPTIONS]
+    failures: dict[str, list[tuple[str, str]]] = {}
+    for info in storage.get_asset_check_partition_info(check_keys):
+        if (info.partition_key is None
+                or info.latest_execution_status != AssetCheckExecutionRecordStatus.FAILED):
+            continue
+        latest = storage.get_asset_check_execution_history(
+            info.check_key, limit=1, partition_filter=PartitionKeyFilter(key=info.partition_key))
+        evaluation = latest[0].evaluation if latest else None
+        description = (evaluation.description or "") if evaluation is not None else ""
+        failures.setdefault(info.partition_key, []).append((info.check_key.name, description))
+    return failures
+
+
+def _review_by_folder(failures: dict[str, list[tuple[str, str]]],
+                      ) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """The failures grouped as folder → case name → failed checks."""
+    grouped: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    for key, checks in failures.items():
+        try:
+            folder = key_folder(key)
+        except PartitionKeyError:
+            continue
+        name = case_name(key.rpartition("/")[2])
+        if name is not None:
+            grouped.setdefault(folder, {}).setdefault(name, []).extend(sorted(checks))
+    return grouped
+
+
+def _review_rows(rows: list[tuple[str, float]], failed: dict[str, list[tuple[str, str]]],
+                 ) -> list[tuple[str, str, str]]:
+    """The Review sheet of one table: its cases that failed QC, with the checks and why."""
+    return [(name, ", ".join(check for check, _ in failed[name]),
+             "; ".join(text for _, text in failed[name] if text))
+            for name, _conf in rows if name in failed]
+
+
 @asset(
     key=CONFIDENCES,
     deps=[AssetDep(SEGMENTATION, partition_mapping=AllPartitionMapping())],
     group_name=GROUP,
     automation_condition=CONFIDENCES_CONDITION,
     description="confidences.xlsx (sheet Confidences: Case, Confidence), exactly as the CLI "
-                "writes it, in every output folder, from the per-case records.",
+                "writes it, in every output folder, from the per-case records; plus a sheet "
+                "Review (Case, Failed checks, Details) when some case failed QC.",
 )
 def confidences(
     context: AssetExecutionContext, config: ConfidencesConfig, itk_infer: ItkInferResource
@@ -273,6 +395,7 @@ def confidences(
             folders.add(key_folder(key))
         except PartitionKeyError:
             continue
+    review = _review_by_folder(qc_failures(context.instance))
     tables: dict[str, dict] = {}
     lowest: list[tuple[float, str]] = []
     unchanged = 0
@@ -286,21 +409,28 @@ def confidences(
             unchanged += 1
             continue
         rows = confidence_rows(layout.folder)
-        path = write_confidences(layout.folder, rows)
+        to_review = _review_rows(rows, review.get(folder, {}))
+        path = write_confidences(layout.folder, rows, review=to_review)
         # Stamp the table with the records' state it was built from: a record published while
         # we read makes the folder newer than the table, so the next run rebuilds it.
         os.utime(path, ns=(time.time_ns(), before))
         prefix = f"{folder}/" if folder else ""
         lowest.extend((conf, prefix + name) for name, conf in rows)
-        tables[folder or "."] = {"path": str(path), "rows": len(rows)}
+        tables[folder or "."] = {"path": str(path), "rows": len(rows), "review": len(to_review)}
+    return MaterializeResult(metadata=_confidences_metadata(tables, lowest, unchanged, folders))
+
+
+def _confidences_metadata(tables: dict[str, dict], lowest: list[tuple[float, str]],
+                          unchanged: int, folders: set[str]) -> dict:
     lowest.sort()
     rows = "\n".join(f"| {name} | {conf:.4f} |" for conf, name in lowest[:20])
     summary = ("| case | confidence |\n|---|---|\n" + rows) if rows else "no table rebuilt"
-    return MaterializeResult(metadata={
+    return {
         "tables": MetadataValue.json(tables),
         "rebuilt": MetadataValue.int(len(tables)),
         "unchanged": MetadataValue.int(unchanged),
         "rows_rebuilt": MetadataValue.int(sum(t["rows"] for t in tables.values())),
+        "to_review": MetadataValue.int(sum(t["review"] for t in tables.values())),
         "lowest_confidences": MetadataValue.md(summary),
         "folders": MetadataValue.int(len(folders)),
-    })
+    }

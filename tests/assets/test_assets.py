@@ -23,10 +23,13 @@ from itk_infer_assets.assets import (
     itk_infer_inference,
 )
 from itk_infer_assets.partitions import (
+    BATCH_SIZE_TAG,
     IMAGES_PARTITIONS_NAME,
     PartitionKeyError,
     case_for_key,
     check_key,
+    images_partitions,
+    input_version,
     key_folder,
     layout_for_key,
 )
@@ -142,6 +145,9 @@ def test_one_materialisation_per_partition_with_metadata(both):
         png = base64.b64decode(md[md.index(prefix) + len(prefix): md.rindex(")")])
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
         assert by_asset[LOGITS][key]["path"].value == str(layout.logits(case))
+    for event in events:  # each partition's data version: its input file's size and mtime
+        st = (inputs.root / event.partition).stat()
+        assert event.tags["dagster/data_version"] == input_version(st.st_size, st.st_mtime)
 
 
 def test_confidences_asset_holds_every_partition(both):
@@ -239,6 +245,23 @@ def test_a_failed_case_fails_the_step_with_its_reason(tmp_path):
     assert not (out / "2026-11-26" / "broken.nii.gz").exists()
 
 
+def test_a_sensor_range_stretched_by_foreign_keys_is_refused(tmp_path):
+    """The sensor's range relies on its keys being added together; a key added in between
+    elsewhere would make the run redo it, or thousands like it: nothing runs instead."""
+    inputs = make_demo_inputs(tmp_path)
+    first, foreign, last = inputs.keys
+    instance = instance_with([first, foreign, last])  # foreign landed between the batch's two
+    result = materialize(ASSETS, instance=instance, selection=[SEGMENTATION],
+                         resources={"itk_infer": resource(inputs, tmp_path / "out")},
+                         tags={RANGE_START: first, RANGE_END: last, BATCH_SIZE_TAG: "2"},
+                         raise_on_error=False)
+    assert not result.success
+    message = result.get_step_failure_events()[0].step_failure_data.user_failure_data.description
+    assert "resolves to 3 keys" in message and "put 2" in message
+    assert instance.get_materialized_partitions(SEGMENTATION) == set()
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_errors_fail_the_step(tmp_path):
     inputs = make_demo_inputs(tmp_path)
     instance = instance_with(inputs.keys[:1])
@@ -259,6 +282,10 @@ def test_asset_definitions_carry_gpu_pool_tags_and_backfill_policy():
     policy = itk_infer_inference.backfill_policy
     assert policy is not None and (policy.max_partitions_per_run or 0) > 1
     assert itk_infer_inference.can_subset
+    specs = {spec.name: spec for spec in itk_infer_inference.check_specs}
+    assert set(specs) == {"confidence", "label_volumes", "geometry"}
+    assert all(spec.asset_key == SEGMENTATION and spec.partitions_def == images_partitions
+               and not spec.blocking for spec in specs.values())
     condition = confidences.automation_conditions_by_key[CONFIDENCES]
     assert condition is not None and "after new segmentations" in condition.get_label()
 

@@ -7,16 +7,33 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from dagster import SensorResult, SkipReason, build_sensor_context, instance_for_test
+import SimpleITK as sitk
+from dagster import (
+    PartitionKeyRange,
+    SensorResult,
+    SkipReason,
+    build_sensor_context,
+    instance_for_test,
+    materialize,
+)
 
-from itk_infer_assets.assets import LOGITS, SEGMENTATION
+from itk_infer_assets.assets import LOGITS, SEGMENTATION, confidences, itk_infer_inference
 from itk_infer_assets.definitions import RUN_TAGS, inference_job
-from itk_infer_assets.partitions import IMAGES_PARTITIONS_NAME
+from itk_infer_assets.partitions import (
+    BATCH_SIZE_TAG,
+    IMAGES_PARTITIONS_NAME,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    images_partitions,
+    input_version,
+)
 from itk_infer_assets.resources import ItkInferResource
 from itk_infer_assets.sensors import (
     ScanState,
     build_folder_sensor,
+    plan_batches,
     probe_image,
     scan_watch_root,
 )
@@ -24,10 +41,14 @@ from tests.assets import make_demo_inputs
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> dict[str, Path]:
+def demo(tmp_path_factory):
+    return make_demo_inputs(tmp_path_factory.mktemp("sources"))
+
+
+@pytest.fixture(scope="module")
+def sources(demo) -> dict[str, Path]:
     """One small valid image per format, copied wherever a test needs images."""
-    inputs = make_demo_inputs(tmp_path_factory.mktemp("sources"))
-    return {Path(key).name: inputs.root / key for key in inputs.keys}
+    return {Path(key).name: demo.root / key for key in demo.keys}
 
 
 def put(sources: dict[str, Path], root: Path, key: str, age_s: float = 120.0) -> Path:
@@ -280,7 +301,14 @@ def sensor_tick(sensor, instance, resource, cursor):
     return result, cursor
 
 
-def test_sensor_adds_partitions_and_requests_one_run_each(tmp_path, sources):
+def range_of(request) -> tuple[str, str] | None:
+    tags = request.tags
+    if RANGE_START_TAG not in tags:
+        return None
+    return tags[RANGE_START_TAG], tags[RANGE_END_TAG]
+
+
+def test_sensor_adds_partitions_and_requests_runs(tmp_path, sources):
     root, out = tmp_path / "watch", tmp_path / "watch" / "out"
     put(sources, root, "case_03.nii")
     put(sources, root, "2026-11-26/case_01.mha")
@@ -291,7 +319,10 @@ def test_sensor_adds_partitions_and_requests_one_run_each(tmp_path, sources):
         result, cursor = sensor_tick(sensor, instance, res, None)
         keys = ["2026-11-26/case_01.mha", "case_03.nii"]
         assert list(result.dynamic_partitions_requests[0].partition_keys) == keys
-        assert [r.partition_key for r in result.run_requests] == keys
+        # One run for both (run_batch 32): a range over the two keys, no single partition.
+        (request,) = result.run_requests
+        assert request.partition_key is None and range_of(request) == tuple(keys)
+        assert request.tags[BATCH_SIZE_TAG] == "2"
         assert all(r.asset_selection == [SEGMENTATION] for r in result.run_requests)
         assert all("nvidia.com/gpu" in r.tags["dagster-k8s/config"] for r in result.run_requests)
         assert sorted(instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME)) == keys
@@ -328,3 +359,279 @@ def test_sensor_skips_without_a_watch_root(tmp_path):
     with instance_for_test() as instance:
         result, _ = sensor_tick(sensor, instance, ItkInferResource(watch_root=""), None)
         assert isinstance(result, SkipReason) and "ITK_INFER_WATCH_ROOT" in result.skip_message
+
+
+# --- batches of new keys (issue 15, item 1) ---------------------------------------------
+
+
+def resolve_range(instance, start: str, end: str) -> list[str]:
+    """The keys Dagster's dynamic partitions definition puts in a range, on this instance."""
+    from dagster._core.definitions.partitions.context import partition_loading_context
+
+    with partition_loading_context(dynamic_partitions_store=instance):
+        return list(images_partitions.get_partition_keys_in_range(PartitionKeyRange(start, end)))
+
+
+def keys_of(instance, request) -> list[str]:
+    bounds = range_of(request)
+    return [request.partition_key] if bounds is None else resolve_range(instance, *bounds)
+
+
+def test_a_tick_batches_its_new_keys_into_contiguous_ranges(tmp_path, sources):
+    root = tmp_path / "watch"
+    new = [f"d{i // 4}/c{i}.mha" for i in range(7)]
+    for key in new:
+        put(sources, root, key)
+    res = ItkInferResource(watch_root=str(root), output_root=str(tmp_path / "out"), run_batch=3)
+    sensor = build_folder_sensor(inference_job, run_tags=RUN_TAGS)
+    run_keys = []
+    for _attempt in range(2):  # the same tick twice, on fresh instances: same runs
+        with instance_for_test() as instance:
+            # Keys added earlier sort between the new ones but lie before them in the order.
+            instance.add_dynamic_partitions(IMAGES_PARTITIONS_NAME, ["d0/a.mha", "d1/z.mha"])
+            result, _ = sensor_tick(sensor, instance, res, None)
+            requests = result.run_requests
+            assert [len(keys_of(instance, r)) for r in requests] == [3, 3, 1]
+            runs = [keys_of(instance, r) for r in requests]
+            assert sorted(k for keys in runs for k in keys) == sorted(new)  # each exactly once
+            assert [r.tags.get(BATCH_SIZE_TAG) for r in requests] == ["3", "3", None]
+            assert requests[-1].partition_key == runs[-1][0]  # a lone key: a plain partition
+            run_keys.append([r.run_key for r in requests])
+    assert run_keys[0] == run_keys[1] and len(set(run_keys[0])) == 3
+
+
+def test_the_per_tick_cap_is_whole_batches(tmp_path, sources):
+    root = tmp_path / "watch"
+    for i in range(5):
+        put(sources, root, f"c{i}.mha")
+    res = ItkInferResource(watch_root=str(root), output_root=str(tmp_path / "out"), run_batch=2)
+    sensor = build_folder_sensor(inference_job, max_new_per_tick=5)
+    with instance_for_test() as instance:
+        first, cursor = sensor_tick(sensor, instance, res, None)
+        assert [len(keys_of(instance, r)) for r in first.run_requests] == [2, 2]
+        second, _ = sensor_tick(sensor, instance, res, cursor)
+        assert [keys_of(instance, r) for r in second.run_requests] == [["c4.mha"]]
+
+
+def test_reruns_share_a_run_only_with_their_neighbours_in_the_partition_order():
+    order = ["a", "b", "c", "d", "e", "f"]
+    assert plan_batches(["n1", "n2", "n3"], ["e", "b", "c", "f", "a"], 2, lambda: order) == [
+        ["n1", "n2"], ["n3"], ["a", "b"], ["c"], ["e", "f"]]
+    assert plan_batches([], ["d", "b"], 8, lambda: order) == [["b"], ["d"]]
+    asked = []
+    assert plan_batches(["n"], [], 8, lambda: asked.append(1) or order) == [["n"]]
+    assert asked == []  # no reruns: the partition list is not read
+
+
+def bad_copy(source: Path, target: Path) -> Path:
+    """A float copy of ``source`` with one NaN voxel: its header reads, its case fails."""
+    image = sitk.ReadImage(str(source), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[array.shape[0] // 2, 0, 0] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(broken, str(target))
+    past = time.time() - 120
+    os.utime(target, (past, past))
+    return target
+
+
+def execute(instance, res, request, raise_on_error=True):
+    """What the daemon's run does with a sensor's request, in this process."""
+    return materialize([itk_infer_inference, confidences], instance=instance,
+                       resources={"itk_infer": res}, selection=request.asset_selection,
+                       partition_key=request.partition_key, tags=dict(request.tags),
+                       raise_on_error=raise_on_error)
+
+
+def test_a_batch_loads_the_model_once_and_a_bad_image_fails_only_itself(
+        tmp_path, sources, demo, monkeypatch):
+    from itk_infer_assets import resources
+
+    loads = []
+    original = resources._ResourceMethods.load_model
+    monkeypatch.setattr(resources._ResourceMethods, "load_model",
+                        lambda self, device: loads.append(1) or original(self, device))
+    root = tmp_path / "watch"
+    good = ["d/a.mha", "d/b.nii.gz", "d/c.nii"]
+    for key in good:
+        put(sources, root, key)
+    bad_copy(sources["case_01.mha"], root / "d" / "bad.mha")  # sorts between b and c
+    res = ItkInferResource(watch_root=str(root), output_root=str(tmp_path / "out"),
+                           onnx_path=str(demo.model), device="cpu", preview=False)
+    sensor = build_folder_sensor(inference_job)
+    with instance_for_test() as instance:
+        result, _ = sensor_tick(sensor, instance, res, None)
+        (request,) = result.run_requests
+        assert keys_of(instance, request) == ["d/a.mha", "d/b.nii.gz", "d/bad.mha", "d/c.nii"]
+        run = execute(instance, res, request, raise_on_error=False)
+        assert not run.success and len(loads) == 1
+        assert instance.get_materialized_partitions(SEGMENTATION) == set(good)
+        (failure,) = run.get_step_failure_events()
+        message = failure.step_failure_data.user_failure_data.description
+        assert "1 of 4" in message and "d/bad.mha" in message and "NaN" in message
+
+
+# --- replaced images (item 2) -------------------------------------------------------------
+
+
+def replace(source: Path, target: Path) -> None:
+    """Replace ``target`` the way copy tools do: write a temporary, rename it over."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.copyfile(source, tmp)
+    past = time.time() - 120
+    os.utime(tmp, (past, past))
+    os.replace(tmp, target)
+
+
+def data_version(record) -> str | None:
+    """The data version Dagster reads from a materialisation (what the UI shows)."""
+    from dagster._core.definitions.data_version import extract_data_version_from_entry
+
+    version = extract_data_version_from_entry(record.event_log_entry)
+    return None if version is None else version.value
+
+
+def version_of(path: Path) -> str:
+    st = path.stat()
+    return input_version(st.st_size, st.st_mtime)
+
+
+def test_only_known_files_replaced_since_their_materialisation_run_again(tmp_path, sources):
+    root = tmp_path / "watch"
+    keys = [f"x/{name}.mha" for name in "abcde"]
+    for key in keys:
+        put(sources, root, key)
+    inst = Instance()
+    recorded: dict[str, str] = {}
+    first, state = inst.tick(root, ScanState(), margin_seconds=0,
+                             versions=lambda ks: {k: recorded[k] for k in ks if k in recorded})
+    assert first.new_keys == keys
+    recorded.update({key: version_of(root / key) for key in keys[:3]})  # materialised
+    recorded["x/d.mha"] = "5f3a9c"  # a version from before item 2 (Dagster's own hash)
+    time.sleep(0.05)
+    for name in "bde":  # e: known but never materialised (its run failed, say)
+        replace(sources["case_02.nii.gz"], root / f"x/{name}.mha")
+    second, state = inst.tick(root, state, margin_seconds=0,
+                              versions=lambda ks: {k: recorded[k] for k in ks if k in recorded})
+    assert second.rerun_keys == ["x/b.mha"] and second.new_keys == []
+    assert second.new_files["x/b.mha"][0] == (root / "x/b.mha").stat().st_size
+    third, _ = inst.tick(root, state, margin_seconds=0, versions=lambda ks: {})
+    assert third.rerun_keys == [] and third.new_keys == []
+
+
+def test_a_replaced_image_is_materialised_again_with_its_new_data_version(
+        tmp_path, sources, demo):
+    root = tmp_path / "watch"
+    key = "d/a.mha"
+    put(sources, root, key)
+    res = ItkInferResource(watch_root=str(root), output_root=str(tmp_path / "out"),
+                           onnx_path=str(demo.model), device="cpu", preview=False)
+    sensor = build_folder_sensor(inference_job)
+    with instance_for_test() as instance:
+        first, cursor = sensor_tick(sensor, instance, res, None)
+        execute(instance, res, first.run_requests[0])
+        (event,) = instance.fetch_materializations(SEGMENTATION, limit=10).records
+        assert event.partition_key == key and data_version(event) == version_of(root / key)
+        old_version = version_of(root / key)
+        quiet, cursor = sensor_tick(sensor, instance, res, cursor)
+        assert not quiet.run_requests
+
+        replace(sources["case_01.mha"], root / key)  # another image under the same name
+        again, cursor = sensor_tick(sensor, instance, res, cursor)
+        (request,) = again.run_requests
+        assert request.partition_key == key and not again.dynamic_partitions_requests
+        assert request.run_key != first.run_requests[0].run_key
+        execute(instance, res, request)
+        events = instance.fetch_materializations(SEGMENTATION, limit=10).records
+        assert [e.partition_key for e in events] == [key, key]
+        assert data_version(events[0]) == version_of(root / key) != old_version
+
+
+# --- names that cannot be keys, and bounded ticks (item 3) --------------------------------
+
+
+def make_awkward_names(root: Path, sources: dict[str, Path]) -> None:
+    """Good and bad names side by side: bytes that are not UTF-8 (in a file and in a folder
+    name), a tab, and '...' (Dagster refuses both in keys)."""
+    put(sources, root, "ok.mha")
+    image = sources["case_01.mha"].read_bytes()
+    raw = os.fsencode(root)
+    os.mkdir(raw + b"/dir\xfe")
+    for name in (b"bad\xff.mha", b"tab\tname.mha", b"a...b.mha", b"dir\xfe/in.mha"):
+        with open(raw + b"/" + name, "wb") as handle:
+            handle.write(image)
+        past = time.time() - 120
+        os.utime(raw + b"/" + name, (past, past))
+
+
+def test_names_that_cannot_be_keys_are_skipped_counted_and_reported_once(tmp_path, sources):
+    root = tmp_path / "watch"
+    make_awkward_names(root, sources)
+    inst = Instance()
+    first, state = inst.tick(root, ScanState())
+    assert first.new_keys == ["ok.mha"]
+    assert first.invalid_names == 4 and len(first.skipped) == 4
+    reasons = dict(first.skipped)
+    assert set(reasons) == {"bad\\xff.mha", "tab\tname.mha", "a...b.mha", "dir\\xfe"}
+    assert "UTF-8" in reasons["bad\\xff.mha"] and "UTF-8" in reasons["dir\\xfe"]
+    assert "refuses" in reasons["tab\tname.mha"] and "refuses" in reasons["a...b.mha"]
+    for path in reasons:  # reported as text a log can hold (encode raises on surrogates)
+        path.encode("utf-8")
+    asked = [key for keys in inst.asked for key in keys]
+    assert asked == ["ok.mha"]  # the instance is never asked about a name that is not a key
+    again, _ = inst.tick(root, state, margin_seconds=0)
+    assert again.new_keys == [] and again.skipped == []
+
+
+def test_the_sensor_tick_survives_names_that_cannot_be_keys(tmp_path, sources):
+    root = tmp_path / "watch"
+    make_awkward_names(root, sources)
+    res = ItkInferResource(watch_root=str(root), output_root=str(tmp_path / "out"))
+    sensor = build_folder_sensor(inference_job)
+    with instance_for_test() as instance:
+        result, _ = sensor_tick(sensor, instance, res, None)
+        assert [r.partition_key for r in result.run_requests] == ["ok.mha"]
+        assert instance.get_dynamic_partitions(IMAGES_PARTITIONS_NAME) == ["ok.mha"]
+
+
+class FakeClock:
+    """Monotonic seconds that advance by one on every reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_a_tick_out_of_time_leaves_the_rest_to_the_next(tmp_path):
+    root = tmp_path / "watch"
+    expected = set()
+    for folder in range(6):
+        for case in range(3):
+            path = root / f"f{folder}" / f"c{case}.mha"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            expected.add(f"f{folder}/c{case}.mha")
+    past = time.time_ns() - 600 * 10**9
+    for path in [*root.rglob("*"), root]:
+        os.utime(path, ns=(past, past))
+    inst = Instance()
+    state, seen, ticks = ScanState(), [], []
+    for _ in range(20):
+        result, state = inst.tick(root, state, margin_seconds=0, time_budget_seconds=8,
+                                  clock=FakeClock())
+        ticks.append(result)
+        seen += result.new_keys
+        if not (result.new_keys or result.capped or result.waiting):
+            break
+    first = ticks[0]
+    assert first.out_of_time and first.capped and first.folders_listed < 7
+    assert first.folders_checked == 7  # every known folder is still stat'ed
+    assert 0 < len(first.new_keys) < len(expected)
+    assert first.waiting  # settled but not probed in time: in the cursor, not lost
+    assert sorted(seen) == sorted(expected)  # each exactly once, over several ticks
+    assert len(ticks) > 2
