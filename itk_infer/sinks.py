@@ -1,8 +1,21 @@
-"""Consumers of finished slabs: the label map, the zarr logits and the confidence sum."""
+"""Consumers of finished slabs: the label map, the zarr logits and the confidence sum.
+
+Each ``consume`` runs on the engine's thread between model calls, so its cost adds to the
+case's wall time. The logits sink therefore only rounds the slab into a float16 chunk buffer
+there and leaves the argmax repair, Blosc and the chunk file to one background thread, which
+works while the engine goes on; the confidence reuses its buffers. No slab-sized array is
+allocated per slab, and memory stays bounded (pools of a few buffers). Stored bytes and
+confidences are bit for bit those of the plain slab-by-slab computation; measured in
+BENCHMARKS.md ("Output sinks", ``benchmarks/bench_sinks.py``).
+"""
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +36,9 @@ FLOAT16_CLAMP = 65472.0
 CONFIDENCE_LOGIT_BOUND = 1e30
 # Target size of one zarr chunk: big enough for good compression, small enough to buffer.
 LOGITS_CHUNK_BYTES = 16 << 20
+# Chunk buffers of the logits writer: one being filled, one queued, one being written. The
+# engine waits for a free one, so a disk slower than the engine bounds memory, not a queue.
+WRITER_BUFFERS = 3
 
 
 class LabelSink(Sink):
@@ -48,36 +64,142 @@ class LabelSink(Sink):
         return {int(k): int(v) for k, v in enumerate(counts) if v}
 
 
-def confidence_map(logits: torch.Tensor) -> torch.Tensor:
+class _Background:
+    """One thread that runs ``work`` on buffers in the order they are submitted.
+
+    At most ``WRITER_BUFFERS`` buffers (made by ``make``) exist; :meth:`take` waits for a
+    free one. The first error stops the work, and :meth:`take`, :meth:`submit` and
+    :meth:`close` raise it on the engine's thread. After :meth:`end` the thread finishes the
+    queue, drops the buffers and exits. Its torch ops must not depend on the thread count
+    (the writer's are exact): their count is whatever the thread got when it started.
+    """
+
+    def __init__(self, work: Callable[[Any], None], make: Callable[[], Any], name: str) -> None:
+        self._work, self._make, self._made = work, make, 0
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._free: queue.Queue[Any] = queue.Queue()
+        self._error: BaseException | None = None
+        self._cancelled = self._ended = False
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), daemon=True,
+                                        name=f"itk_infer-{name}")
+        self._thread.start()
+        started.wait()
+
+    def _run(self, started: threading.Event) -> None:
+        # The first torch call fixes this thread's count (OpenMP keeps one per thread): the
+        # engine's, in ``begin``, rather than the model's that may be in force later.
+        torch.get_num_threads()
+        started.set()
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self._error is None and not self._cancelled:
+                    self._work(job)
+            except BaseException as error:  # raised again on the engine's thread
+                self._error = error
+            finally:
+                self._free.put(job)
+        while not self._free.empty():  # the memory goes with the thread, not with the sink
+            self._free.get()
+
+    def take(self) -> Any:
+        """A free buffer: a new one while fewer than ``WRITER_BUFFERS`` exist."""
+        self.raise_error()
+        if self._made < WRITER_BUFFERS and self._free.empty():
+            self._made += 1
+            return self._make()
+        while True:
+            try:
+                job = self._free.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"{self._thread.name} has stopped") from None
+        self.raise_error()
+        return job
+
+    def submit(self, job: Any) -> None:
+        self.raise_error()
+        self._jobs.put(job)
+
+    def end(self) -> None:
+        """No more jobs: the thread exits once the queue is done."""
+        if not self._ended:
+            self._ended = True
+            self._jobs.put(None)
+
+    def close(self) -> None:
+        """Wait until every submitted job is done; raise the first error."""
+        self.end()
+        self._thread.join()
+        self.raise_error()
+
+    def cancel(self) -> None:
+        """Drop the jobs not yet started and wait for the one in progress."""
+        self._cancelled = True
+        self.end()
+        self._thread.join()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+class EntropyScratch:
+    """Two (C, Y, X) float32 buffers that :func:`confidence_map` reuses from slice to slice.
+
+    A fresh buffer of that size costs more in page faults than the arithmetic done in it.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def buffers(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two float32 tensors with the shape and device of ``like`` (kept while they fit)."""
+        kept = self._buffers
+        if kept is None or kept[0].shape != like.shape or kept[0].device != like.device:
+            first = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+            kept = self._buffers = (first, torch.empty_like(first))
+        return kept
+
+
+def confidence_map(logits: torch.Tensor, scratch: EntropyScratch | None = None) -> torch.Tensor:
     """Per-voxel confidence 1 - H(p)/log C in float32, p = softmax over the class axis 0.
 
     A single channel is a sigmoid model: binary entropy over log 2. Never NaN for non-NaN
     logits: log-probabilities come from log_softmax / logsigmoid on logits clamped to a finite
-    bound, so p = 0 gives 0 * finite.
+    bound, so p = 0 gives 0 * finite. ``scratch`` only spares allocations: the ops, and so the
+    bits of the result, are the same with or without it.
     """
-    logits = logits.float().clamp(-CONFIDENCE_LOGIT_BOUND, CONFIDENCE_LOGIT_BOUND)
     if logits.shape[0] == 1:
-        x = logits[0]
+        x = logits[0].float().clamp(-CONFIDENCE_LOGIT_BOUND, CONFIDENCE_LOGIT_BOUND)
         log_p, log_q = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
         entropy = -(log_p.exp() * log_p + log_q.exp() * log_q)
-        norm = math.log(2.0)
-    else:
-        log_p = torch.log_softmax(logits, dim=0)
-        entropy = -(log_p.exp() * log_p).sum(dim=0)
-        norm = math.log(logits.shape[0])
-    return (1.0 - entropy / norm).clamp_(0.0, 1.0)
+        return (1.0 - entropy / math.log(2.0)).clamp_(0.0, 1.0)
+    clamped, log_p = (scratch or EntropyScratch()).buffers(logits)
+    torch.clamp(logits.float(), -CONFIDENCE_LOGIT_BOUND, CONFIDENCE_LOGIT_BOUND, out=clamped)
+    torch.log_softmax(clamped, 0, out=log_p)
+    p_log_p = torch.exp(log_p, out=clamped).mul_(log_p)  # the clamped copy is spent: reuse it
+    entropy = -p_log_p.sum(dim=0)
+    return (1.0 - entropy / math.log(logits.shape[0])).clamp_(0.0, 1.0)
 
 
 class ConfidenceSink(Sink):
-    """Running sum of per-voxel confidence, so the mean needs no full logits volume."""
+    """Running sum of per-voxel confidence, so the mean needs no full logits volume.
+
+    Computed in ``consume``, on the engine's thread count: a background thread would run on
+    whatever count the engine set for the model meanwhile, and the float64 sums could round
+    differently (records store the confidence exactly).
+    """
 
     def __init__(self) -> None:
         self.total = 0.0
         self.count = 0
+        self._scratch = EntropyScratch()
 
     def consume(self, slab: Slab) -> None:
         for k in range(slab.logits.shape[1]):  # one slice at a time keeps temporaries small
-            conf = confidence_map(slab.logits[:, k])
+            conf = confidence_map(slab.logits[:, k], self._scratch)
             self.total += float(conf.sum(dtype=torch.float64))
             self.count += conf.numel()
 
@@ -93,36 +215,99 @@ def logits_to_float16(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     Rounding to float16 can tie two close classes or flush a tiny positive sigmoid logit to
     zero; there the stored value of the chosen class is raised one float16 step above the
     largest value of the voxel, so that ``argmax(stored) == labels`` always holds (for one
-    channel: ``stored > 0`` equals ``labels``).
+    channel: ``stored > 0`` equals ``labels``). Values are clamped to
+    [-FLOAT16_MAX, FLOAT16_CLAMP] first.
     """
-    half = logits.clamp(-FLOAT16_MAX, FLOAT16_CLAMP).to(torch.float16)
+    half = torch.empty(logits.shape, dtype=torch.float16)
+    round_to_float16(half, logits)
+    repair_float16(half, labels.cpu())
+    return half.numpy()
+
+
+def round_to_float16(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Round float32 ``src`` (any device) into the host float16 view ``dst``, unclamped.
+
+    :func:`repair_float16` clamps afterwards: rounding is monotonic and both bounds are
+    float16 values, so clamping after rounding gives the bits of clamping before.
+    """
+    if src.device.type != "cpu":
+        src = src.to(torch.float16)  # convert on the device: half the bytes cross the bus
+    dst.copy_(src)
+
+
+def repair_float16(half: torch.Tensor, labels: torch.Tensor) -> None:
+    """Clamp (C, dz, Y, X) float16 ``half`` in place and mend the voxels whose argmax the
+    rounding changed (see :func:`logits_to_float16`); CPU tensors, ``half`` may be a view.
+    """
+    half.clamp_(-FLOAT16_MAX, FLOAT16_CLAMP)
     if half.shape[0] == 1:
-        bad = (labels == 1) & (half[0] <= 0)
+        bad: torch.Tensor | None = (labels == 1) & (half[0] <= 0)
     else:
-        # Same first-wins rule as torch.argmax, several times faster on the CPU.
-        bad = labels_from_logits(half).long() != labels.long()
-    stored = half.cpu().numpy()
-    if not bool(bad.any()):
-        return stored
-    # The few voxels to fix are mended in numpy on the host, after the copy that is made anyway.
-    bad_np = bad.cpu().numpy()
+        bad = _argmax_changed(half, labels)
+    if bad is None or not bool(bad.any()):
+        return
+    # The few voxels to fix are mended in numpy, through a view of the same memory.
+    stored, bad_np = half.numpy(), bad.numpy()
     if stored.shape[0] == 1:
         stored[0][bad_np] = np.finfo(np.float16).smallest_normal
-        return stored
+        return
     by_voxel = np.moveaxis(stored, 0, -1)  # view (dz, Y, X, C)
     plane = by_voxel[bad_np]  # copy (n, C)
     top = plane.max(axis=1)
-    winners = labels.cpu().numpy()[bad_np].astype(np.intp)
+    winners = labels.numpy()[bad_np].astype(np.intp)
     plane[np.arange(len(winners)), winners] = np.nextafter(top, np.float16(np.inf))
     by_voxel[bad_np] = plane
-    return stored
+
+
+def _argmax_changed(half: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    """Where ``labels_from_logits(half) != labels`` (``None``: nowhere), for C > 1.
+
+    A voxel keeps its label when the label's value is the maximum, the maximum is not zero
+    (+0 and -0 tie) and no other class has its bit pattern. That takes a running maximum, a
+    gather and an equality count, 2-3 cheap ops per class against 5 for a full argmax; the
+    full argmax runs only on the few voxels that fail it. With a NaN, everything is checked.
+    """
+    top = half[0].clone()
+    for c in range(1, half.shape[0]):
+        torch.maximum(top, half[c], out=top)
+    if bool(torch.isnan(top).any()):
+        return labels_from_logits(half).long() != labels.long()
+    own = torch.gather(half, 0, labels.long().unsqueeze(0))[0]
+    ties = torch.zeros(top.shape, dtype=torch.uint8 if half.shape[0] < 256 else torch.int32)
+    equal = torch.empty(top.shape, dtype=torch.bool)
+    bits, top_bits = half.view(torch.int16), top.view(torch.int16)
+    for c in range(half.shape[0]):
+        torch.eq(bits[c], top_bits, out=equal)
+        ties.add_(equal.view(torch.uint8))
+    suspect = (ties > 1) | (top == 0) | (own != top)
+    if not bool(suspect.any()):
+        return None
+    bad = torch.zeros_like(suspect)
+    bad[suspect] = labels_from_logits(half[:, suspect]).long() != labels[suspect].long()
+    return bad
+
+
+@dataclass
+class _Chunk:
+    """Host memory for one zarr chunk: float16 logits (C, cz, Y, X) and labels (cz, Y, X);
+    slices ``z_start .. z_end`` of the volume are in its first ``z_end - z_start`` slices."""
+
+    half: torch.Tensor
+    labels: torch.Tensor
+    z_start: int = 0
+    z_end: int = 0
 
 
 class LogitsSink(Sink):
     """Streams blended logits into a Zarr v3 array (C, Z, Y, X), float16, Blosc LZ4 + shuffle.
 
     The array is built under a temporary name and published by :meth:`finish`; chunks are
-    whole (C, cz, Y, X) slabs so it is written, and can be read, a slab at a time.
+    whole (C, cz, Y, X) slabs so it is written, and can be read, a slab at a time. ``consume``
+    rounds the slab into a chunk buffer; a background thread mends ties, compresses and
+    writes each full chunk (:class:`_Background`), at most ``WRITER_BUFFERS`` chunks in
+    memory. The slab that completes the volume returns once every chunk is written, so that
+    write errors are raised inside the engine's run. Slabs must come in Z order without gaps,
+    as the engine hands them.
     """
 
     def __init__(self, path: Path, attributes: dict[str, Any]) -> None:
@@ -130,8 +315,9 @@ class LogitsSink(Sink):
         self.tmp = temporary_path(self.path)
         self.attributes = attributes
         self._array: Any = None
-        self._buffer: list[np.ndarray] = []
-        self._buffer_start = 0
+        self._writer: _Background | None = None
+        self._chunk: _Chunk | None = None
+        self._next_z = 0
 
     def begin(self, num_classes: int, shape_zyx: Triple) -> None:
         import zarr
@@ -148,36 +334,72 @@ class LogitsSink(Sink):
             fill_value=0.0,
             zarr_format=3,
             attributes={**self.attributes, "num_classes": num_classes},
+            # _store_chunk skips all-zero chunks itself, 10x faster than zarr's test; this
+            # run-time setting is not stored in zarr.json.
+            config={"write_empty_chunks": True},
         )
+        label_type = torch.uint8 if num_classes <= 256 else torch.int32
+        self._writer = _Background(self._store_chunk, lambda: _Chunk(
+            torch.empty((num_classes, self.chunk_z, y, x), dtype=torch.float16),
+            torch.empty((self.chunk_z, y, x), dtype=label_type)), "logits-writer")
 
     def consume(self, slab: Slab) -> None:
-        self._buffer.append(logits_to_float16(slab.logits, slab.labels))
-        buffered = sum(b.shape[1] for b in self._buffer)
-        end = self._buffer_start + buffered
-        # Write whole chunks only, so no chunk is ever read back and rewritten.
-        if (end - self._buffer_start) >= self.chunk_z or end == self._array.shape[1]:
-            self._flush(end)
+        if self._writer is None:
+            raise RuntimeError("consume before begin")
+        if slab.z_start != self._next_z:
+            raise ValueError(f"slab at z={slab.z_start}, expected z={self._next_z}")
+        logits, labels, done = slab.logits, slab.labels, 0
+        while done < logits.shape[1]:
+            if self._chunk is None:
+                self._chunk = self._writer.take()
+                self._chunk.z_start = self._chunk.z_end = self._next_z
+            chunk = self._chunk
+            at = chunk.z_end - chunk.z_start
+            n = min(logits.shape[1] - done, self.chunk_z - at)
+            round_to_float16(chunk.half[:, at : at + n], logits[:, done : done + n])
+            chunk.labels[at : at + n].copy_(labels[done : done + n])
+            chunk.z_end += n
+            self._next_z += n
+            done += n
+            if at + n == self.chunk_z or self._next_z == self._array.shape[1]:
+                self._flush(self._next_z)
 
     def _flush(self, end: int) -> None:
-        whole = end if end == self._array.shape[1] else end - end % self.chunk_z
-        if whole <= self._buffer_start:
-            return
-        data = np.concatenate(self._buffer, axis=1)
-        n = whole - self._buffer_start
-        self._array[:, self._buffer_start : whole] = data[:, :n]
-        rest = data[:, n:]
-        self._buffer = [rest] if rest.shape[1] else []
-        self._buffer_start = whole
+        """Hand the chunk being filled, slices up to ``end``, to the writer thread; after the
+        last chunk, wait until all are written."""
+        chunk, self._chunk = self._chunk, None
+        if chunk is not None and self._writer is not None:
+            chunk.z_end = end
+            self._writer.submit(chunk)
+            if end == self._array.shape[1]:
+                # Any write error is raised here, inside the engine's run, where the pipeline
+                # aborts the sinks; a case whose run ended could be dropped unwritten (a full
+                # disk stops the loop) and leave its temporary behind.
+                self._writer.close()
+
+    def _store_chunk(self, chunk: _Chunk) -> None:
+        """Mend, compress and write one chunk (on the writer thread)."""
+        n = chunk.z_end - chunk.z_start
+        repair_float16(chunk.half[:, :n], chunk.labels[:n])
+        data = chunk.half.numpy()[:, :n]
+        # All +0.0 is the fill value: zarr keeps no such chunk (it compares bit patterns too).
+        if data.view(np.uint16).any():
+            self._array[:, chunk.z_start : chunk.z_end] = data
 
     def finish(self) -> int:
-        """Publish the array under its final name; returns its size in bytes."""
-        if self._array is None:
+        """Publish the array under its final name (after the writer, if a short volume left it
+        running); returns its size in bytes. Raises the writer's error, if it had one."""
+        if self._array is None or self._writer is None:
             raise RuntimeError("no logits were written")
-        if self._buffer:
-            self._flush(self._array.shape[1])
+        if self._chunk is not None:
+            self._flush(self._next_z)
+        self._writer.close()
         size = output_size(self.tmp)  # the same measure resume checks it against
         publish(self.tmp, self.path)
         return size
 
     def abort(self) -> None:
+        """Stop the writer (dropping what it has not written) and remove the temporary."""
+        if self._writer is not None:
+            self._writer.cancel()
         remove_path(self.tmp)
