@@ -8,7 +8,8 @@ model's custom metadata carries what an inference tool needs to know:
 
 * ``window_level`` / ``window_width``: the HU window used in training;
 * ``inference_config``: JSON with ``patch_size`` and ``patch_stride`` (Z, Y, X)
-  for sliding-window inference and ``forward_batch_windows``.
+  for sliding-window inference and ``forward_batch_windows``;
+* ``labels``: JSON ``{name: value}`` of the phantom's classes.
 
 The export is then checked against torch with onnxruntime (CPU).
 
@@ -32,7 +33,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.phantoms import NUM_CLASSES, WL, WW
+from examples.phantoms import CLASS_NAMES, NUM_CLASSES, WL, WW
 from examples.train import PATCH_ZYX
 from examples.unet import UNet3D
 
@@ -90,6 +91,7 @@ def export(weights: Path, out: Path) -> None:
         "window_level": f"{WL:g}",
         "window_width": f"{WW:g}",
         "inference_config": json.dumps(INFERENCE_CONFIG),
+        "labels": json.dumps({name: value for value, name in enumerate(CLASS_NAMES)}),
     }
     del proto.metadata_props[:]
     for key, value in meta.items():

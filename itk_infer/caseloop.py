@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from itk_infer.atomic import final_name, remove_path
-from itk_infer.cases import Case, OutputLayout, case_name
+from itk_infer.cases import SEG_SUFFIX, Case, OutputLayout, case_name
 from itk_infer.config import OutputOptions
 from itk_infer.errors import CaseError, DiskFullError, is_disk_full
 from itk_infer.locks import CaseLock, lock_holder, remove_stale_locks, try_lock
@@ -89,6 +89,8 @@ def lock_key(final: str, in_records: bool) -> str:
         return final[: -len(".json")]
     if final.endswith(".zarr"):
         return final[: -len(".zarr")]
+    if final.endswith(SEG_SUFFIX):  # a DICOM series case's segmentation
+        return final[: -len(SEG_SUFFIX)]
     return case_name(final) or final
 
 

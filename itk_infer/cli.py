@@ -74,8 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    warm = None
     try:
         settings = _settings(args)
+        from itk_infer.warmstart import begin
+
+        # The model's first forwards start while the runner's imports (torch) load.
+        warm = begin(settings)
         from itk_infer.runner import run_batch  # after parsing: --help needs no torch
 
         summary = run_batch(settings)
@@ -91,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if warm is not None:
+            warm.close()
     for outcome in summary.failed:
         print(f"FAILED {outcome.case}: {outcome.reason}", file=sys.stderr)
     print(f"{summary.headline()} ({summary.wall_seconds:.1f} s) -> {settings.output_folder}")

@@ -141,7 +141,7 @@ class Settings:
     output_space: str = setting(
         "lpi", "choice", "grid of the label maps: lpi (the input reoriented to LPI, the "
         "default) or input (voxel-aligned with the input file: same size, spacing, origin, "
-        "direction); logits stay on the LPI grid", "io", flags=("--output-space",),
+        "direction, array order); --save-logits follows it", "io", flags=("--output-space",),
         env="ITK_INFER_OUTPUT_SPACE", fingerprint=True, recorded_if_set=True,
         choices=("lpi", "input"))
     spacing: tuple[float, float, float] | None = setting(
@@ -154,6 +154,15 @@ class Settings:
         False, "bool", "test-time mirroring: average the logits over the 8 mirror images of "
         "each window (8x the model's work)", "inference", flags=("--tta",),
         env="ITK_INFER_TTA", fingerprint=True, recorded_if_set=True)
+    resample_oblique: bool = setting(
+        False, "bool", "resample oblique images onto an axis-aligned LPI grid covering them "
+        "(linear; always done when a model spacing is set) instead of only permuting their "
+        "axes to the nearest LPI order", "inference", flags=("--resample-oblique",),
+        env="ITK_INFER_RESAMPLE_OBLIQUE", fingerprint=True, recorded_if_set=True)
+    oblique_warn_deg: float = setting(
+        1.0, "float", "warn about images whose axes are tilted more than this many degrees "
+        "from the nearest world axes", "inference", flags=("--oblique-warn-deg",),
+        env="ITK_INFER_OBLIQUE_WARN_DEG", minimum=0, metavar="DEGREES")
     nonfinite: str = setting(
         "fail", "choice", "input voxels that are NaN or infinite: fail the case (default), or "
         "replace them (NaN and -inf: the window's low end, +inf: its high end) with a warning",
@@ -170,7 +179,17 @@ class Settings:
     case_timeout: float | None = setting(
         None, "float", "fail a case that spends longer than this in one step (reading, the "
         "model, writing) and go on; cases then run in a worker process, which is killed",
-        "devices", flags=("--case-timeout",), positive=True, metavar="SECONDS")
+        "devices", flags=("--case-timeout",), env="ITK_INFER_CASE_TIMEOUT", positive=True,
+        metavar="SECONDS")
+    in_process: bool = setting(
+        False, "bool", "run the cases in this process rather than in one worker process that "
+        "is replaced after a crash in a native library (that case fails, the others run); "
+        "only with one worker and no --case-timeout (for debuggers and profilers)", "devices",
+        flags=("--in-process",))
+    cpu_fallback: bool = setting(
+        True, "bool", "a case that runs out of GPU memory even with the slab on the host and "
+        "one window per batch is not run on the CPU (it fails)", "devices",
+        flags=("--no-cpu-fallback",), env="ITK_INFER_CPU_FALLBACK", negated=True)
     gpus: int = setting(
         0, "int", "how many of the visible GPUs to use (default 0: all of them); with CUDA the "
         "command line runs max(--num-proc, GPUs) workers", "devices", flags=("--gpus",),

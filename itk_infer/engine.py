@@ -14,7 +14,7 @@ import logging
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from itertools import groupby
 
@@ -469,3 +469,41 @@ def run_sliding_window(
     return slide(volume, backend.forward, sliding, sinks, device=backend.device,
                  static_batch_size=backend.static_batch_size,
                  num_classes_hint=backend.num_classes)
+
+
+# --------------------------------------------------------------------------- out of memory
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device allocation failure: torch's CUDA out-of-memory error, or
+    onnxruntime's (a runtime error that says it failed to allocate)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    said = "out of memory" in text or "failed to allocate" in text
+    return said and (isinstance(error, RuntimeError | MemoryError)
+                     or type(error).__module__.startswith("onnxruntime"))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One way to run a case after an out-of-memory error: ``label`` is what is recorded."""
+
+    label: str
+    sliding: SlidingWindowSettings
+    on_cpu: bool = False
+
+
+def fallback_attempts(sliding: SlidingWindowSettings, device: torch.device,
+                      static_batch_size: int | None, allow_cpu: bool) -> list[Attempt]:
+    """The runs to try in turn when the previous one ran out of memory: as planned; then the
+    slab on the host with one window per batch (a static batch size cannot shrink); then,
+    where allowed and the model is not on the CPU already, the model on the CPU."""
+    attempts = [Attempt("", sliding)]
+    batch = static_batch_size or 1
+    host = replace(sliding, accumulate_device="cpu", batch_size=batch)
+    if host != sliding or device.type == "cuda":
+        attempts.append(Attempt(f"host accumulation, batch {batch}", host))
+    if allow_cpu and device.type != "cpu":
+        attempts.append(Attempt("cpu", replace(sliding, accumulate_device="cpu"), on_cpu=True))
+    return attempts

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,16 +16,34 @@ import torch
 
 from itk_infer import __version__
 from itk_infer.backends import load_backend
-from itk_infer.backends.base import Backend
-from itk_infer.cases import Case, OutputLayout
+from itk_infer.backends.base import Backend, display_names
+from itk_infer.cases import Case, OutputLayout, input_stamp
 from itk_infer.config import InferenceSettings, OutputOptions, Settings, Triple, as_triple
-from itk_infer.engine import EngineStats, slide
+from itk_infer.dicom.seg import segment_names, write_seg
+from itk_infer.dicom.series import read_series
+from itk_infer.engine import Attempt, EngineStats, fallback_attempts, is_out_of_memory, slide
 from itk_infer.errors import CaseError, ModelError, UsageError
-from itk_infer.imageio import MODEL_ORIENTATION, Geometry, read_volume, write_label_map
+from itk_infer.imageio import (
+    MODEL_ORIENTATION,
+    Geometry,
+    Volume,
+    read_volume,
+    reorient,
+    write_label_map,
+)
+from itk_infer.inputspace import HoldLogits, slabs, to_input_grid
 from itk_infer.integrity import check_input
-from itk_infer.records import CaseOutcome, CaseRecord, outputs_intact, read_record, write_record
+from itk_infer.records import (
+    CaseOutcome,
+    CaseRecord,
+    label_summary,
+    outputs_intact,
+    read_record,
+    write_record,
+)
 from itk_infer.resample import BackToInputGrid, grid_spacing, needs_resampling, to_model_grid
 from itk_infer.sinks import ConfidenceSink, LabelSink, LogitsSink
+from itk_infer.startup import claim_result, file_key
 from itk_infer.tta import mirrored
 from itk_infer.window import apply_window
 
@@ -88,6 +107,7 @@ class Model:
 
     backend: Backend
     inference: InferenceSettings
+    cpu_backend: Backend | None = None  # loaded at the first case that needs the CPU fallback
 
     @property
     def fingerprint(self) -> str:
@@ -97,13 +117,20 @@ class Model:
         """The settings stored in records and compared on resume."""
         return self.inference.describe()
 
-    def run(self, voxels: np.ndarray, sinks: list[Any]) -> EngineStats:
-        """The sliding window over ``voxels`` with this model (mirrored with ``--tta``)."""
+    def run(self, voxels: np.ndarray, sinks: list[Any], attempt: Attempt | None = None
+            ) -> EngineStats:
+        """The sliding window over ``voxels`` with this model (mirrored with ``--tta``);
+        ``attempt``: a fallback after an out-of-memory error (see :func:`infer_case`)."""
         backend, inference = self.backend, self.inference
+        sliding = inference.sliding if attempt is None else attempt.sliding
+        if attempt is not None and attempt.on_cpu:
+            if self.cpu_backend is None:
+                self.cpu_backend = load_backend(inference.settings, torch.device("cpu"))
+            backend = self.cpu_backend
         predict = backend.forward
         if inference.settings.tta:
             predict = mirrored(predict, static_batch=backend.static_batch_size is not None)
-        return slide(voxels, predict, inference.sliding, sinks, device=backend.device,
+        return slide(voxels, predict, sliding, sinks, device=backend.device,
                      static_batch_size=backend.static_batch_size,
                      num_classes_hint=backend.num_classes)
 
@@ -140,10 +167,10 @@ def same_input(case: Case, record: CaseRecord) -> bool:
     """The input file is still the one the outputs were made from (same size and mtime: a
     replaced or rewritten image is redone)."""
     try:
-        stat = case.path.stat()
+        size, mtime = input_stamp(case)
     except OSError:
         return False
-    if stat.st_size == record.input_size and stat.st_mtime == record.input_mtime:
+    if size == record.input_size and mtime == record.input_mtime:
         return True
     log.info("%s: the input changed since its outputs were made; it is redone", case.filename)
     return False
@@ -179,17 +206,26 @@ class LoadedCase:
     read_seconds: float
     # With a model spacing: the input's LPI shape and spacing (Z, Y, X) the outputs go back to.
     input_grid: tuple[Triple, tuple[float, float, float]] | None = None
+    obliquity_deg: float = 0.0
+    grid: str = "lpi"  # "lpi" (axes permuted/flipped) or "lpi-resampled" (an oblique input)
+    source_geometry: Geometry | None = None  # the input file's own grid and array shape
+    source_shape: Triple | None = None
 
 
 def load_case(case: Case, inference: InferenceSettings) -> LoadedCase:
     """Read, reorient to LPI and window one case. Raises CaseError for unusable images."""
     t0 = time.perf_counter()
-    stat = case.path.stat()
-    check_input(case.path)  # in the reader thread: overlapped with the model's work
-    volume = read_volume(case.path)
+    size, mtime = input_stamp(case)
+    if case.files:  # a DICOM series (pydicom checks each file as it parses it)
+        volume = read_series(case.files, case.name)
+    else:
+        volume = _read_checked(case.path, _resamples_oblique(inference.settings))
+    _warn_oblique(case, volume.obliquity_deg, volume.grid, inference.settings.oblique_warn_deg)
     geometry, orientation = volume.geometry, volume.source_orientation
     voxels = apply_window(volume.voxels, inference.window)
     _check_finite(case, volume.voxels, voxels, inference.settings.nonfinite)
+    where = {"obliquity_deg": volume.obliquity_deg, "grid": volume.grid,
+             "source_geometry": volume.source_geometry, "source_shape": volume.source_shape}
     del volume
     spacing = tuple(reversed(geometry.spacing_mm))
     model_spacing, input_grid = inference.settings.spacing, None
@@ -201,11 +237,40 @@ def load_case(case: Case, inference: InferenceSettings) -> LoadedCase:
         voxels=voxels,
         geometry=geometry,
         source_orientation=orientation,
-        input_size=stat.st_size,
-        input_mtime=stat.st_mtime,
+        input_size=size,
+        input_mtime=mtime,
         read_seconds=time.perf_counter() - t0,
         input_grid=input_grid,  # type: ignore[arg-type]
+        **where,
     )
+
+
+def _read_checked(path: Path, resample_oblique: bool) -> Volume:
+    """``check_input`` then ``read_volume``, or that same read done while the command started
+    (:mod:`itk_infer.warmstart`) if the file is unchanged since."""
+    volume = claim_result(file_key("volume", path, resample_oblique))
+    if volume is not None:
+        return volume
+    check_input(path)  # in the reader thread: overlapped with the model's work
+    return read_volume(path, resample_oblique=resample_oblique)
+
+
+def _resamples_oblique(settings: Settings) -> bool:
+    """Oblique inputs go onto an axis-aligned LPI grid with --resample-oblique, and always
+    with a model spacing (its grid is then axis-aligned millimetres, not tilted voxels)."""
+    return settings.resample_oblique or settings.spacing is not None
+
+
+def _warn_oblique(case: Case, angle: float, grid: str, threshold: float) -> None:
+    if angle <= threshold:
+        return
+    if grid == "lpi-resampled":
+        log.warning("%s: axes %.2f deg oblique; resampled onto an axis-aligned LPI grid",
+                    case.filename, angle)
+    else:
+        log.warning("%s: axes %.2f deg oblique; the outputs keep its tilted direction with the "
+                    "axes in the nearest LPI order (--resample-oblique for an axis-aligned grid)",
+                    case.filename, angle)
 
 
 def _check_finite(case: Case, raw: np.ndarray, windowed: np.ndarray, policy: str) -> None:
@@ -235,6 +300,8 @@ class InferredCase:
     confidence: ConfidenceSink | None
     stats: EngineStats
     infer_seconds: float
+    held: HoldLogits | None = None  # the LPI logits, for outputs moved onto the input's grid
+    fallback: list[str] = field(default_factory=list)  # what ran after out-of-memory errors
 
 
 def infer_case(
@@ -242,33 +309,80 @@ def infer_case(
 ) -> InferredCase:
     """Run the sliding window; logits stream into a temporary zarr array if requested."""
     t0 = time.perf_counter()
+    backend, inference = model.backend, model.inference
+    attempts = fallback_attempts(inference.sliding, backend.device, backend.static_batch_size,
+                                 inference.settings.cpu_fallback)
+    done: list[str] = []
+    for number, attempt in enumerate(attempts):
+        labels, logits, held, confidence = _case_sinks(loaded, model, layout, outputs)
+        sinks = [s for s in (labels, logits, held, confidence) if s is not None]
+        engine_sinks: list[Any] = sinks
+        if loaded.input_grid is not None:
+            shape, spacing = loaded.input_grid
+            real = grid_spacing(shape, spacing, inference.settings.spacing)  # type: ignore[arg-type]
+            engine_sinks = [BackToInputGrid(sinks, shape, spacing, real)]
+        try:
+            stats = model.run(loaded.voxels, engine_sinks, attempt if number else None)
+        except BaseException as error:
+            for sink in sinks:
+                sink.abort()
+            if not is_out_of_memory(error) or number + 1 == len(attempts):
+                raise
+            _release_device_memory(backend.device)
+            log.warning("%s: out of memory (%s); retrying: %s", loaded.case.filename,
+                        type(error).__name__, attempts[number + 1].label)
+            continue
+        done = [a.label for a in attempts[1 : number + 1]]
+        break
+    return InferredCase(loaded, labels, logits, confidence, stats, time.perf_counter() - t0,
+                        held, done)
+
+
+def _case_sinks(loaded: LoadedCase, model: Model, layout: OutputLayout, outputs: OutputOptions
+                ) -> tuple[LabelSink, LogitsSink | None, HoldLogits | None,
+                           ConfidenceSink | None]:
+    """Fresh sinks for one pass of the model over a case."""
     labels = LabelSink()
     confidence = ConfidenceSink() if outputs.save_conf else None
-    logits = None
-    if outputs.save_logits:
+    logits, held = None, None
+    if _holds_logits(loaded, model, outputs):
+        held = HoldLogits(save=outputs.save_logits)
+    elif outputs.save_logits:
         logits = LogitsSink(layout.logits(loaded.case), _logits_attributes(loaded, model))
-    sinks = [s for s in (labels, logits, confidence) if s is not None]
-    engine_sinks: list[Any] = sinks
-    if loaded.input_grid is not None:
-        shape, spacing = loaded.input_grid
-        real = grid_spacing(shape, spacing, model.inference.settings.spacing)  # type: ignore[arg-type]
-        engine_sinks = [BackToInputGrid(sinks, shape, spacing, real)]
-    try:
-        stats = model.run(loaded.voxels, engine_sinks)
-    except BaseException:
-        for sink in sinks:
-            sink.abort()
-        raise
-    return InferredCase(loaded, labels, logits, confidence, stats, time.perf_counter() - t0)
+    return labels, logits, held, confidence
+
+
+def _release_device_memory(device: torch.device) -> None:
+    """Hand the cached blocks of a failed pass back before the next try."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _holds_logits(loaded: LoadedCase, model: Model, outputs: OutputOptions) -> bool:
+    """--output-space input needs the logits moved: saved ones of an input not in LPI order,
+    and all of a resampled oblique input (its labels come from them)."""
+    if model.inference.settings.output_space != "input" or loaded.source_geometry is None:
+        return False
+    if loaded.grid == "lpi-resampled":
+        return True
+    return outputs.save_logits and loaded.source_orientation != MODEL_ORIENTATION
 
 
 def _logits_attributes(loaded: LoadedCase, model: Model) -> dict[str, Any]:
     """What the zarr array says about itself: its grid and how it was made."""
     inference = model.inference
     patch, stride = inference.sliding.resolved(loaded.voxels.shape)  # type: ignore[arg-type]
+    # The default LPI grid keeps its attributes as they were (no "grid" key): same bytes.
+    name = _grid_name(loaded, model)
+    grid = {} if name == "lpi" else {"grid": name,
+                                     "obliquity_deg": round(loaded.obliquity_deg, 6)}
     return {
         **loaded.geometry.as_dict(),
         "orientation": "LPI",
+        **grid,
         "axes": ["class", "z", "y", "x"],
         "source_file": loaded.case.filename,
         "window_level": inference.window.level,
@@ -320,10 +434,19 @@ def write_case(inferred: InferredCase, model: Model, layout: OutputLayout) -> Ca
     sizes = {}
     try:
         space = model.inference.settings.output_space
-        sizes["labels"] = write_label_map(
-            inferred.labels.labels, loaded.geometry, layout.labels(case),
-            loaded.source_orientation if space == "input" else MODEL_ORIENTATION,
-        )
+        if inferred.held is not None:  # --output-space input, logits moved first
+            _write_input_space(inferred, model, layout, outputs, sizes)
+        elif case.files:  # a DICOM series: a DICOM-SEG on the series' own grid
+            sizes["labels"] = write_seg(
+                inferred.labels.labels, loaded.geometry, case.files, layout.labels(case),
+                names=segment_names(getattr(model.backend.defaults, "labels", None),
+                                    inferred.stats.num_classes),
+                fingerprint=model.fingerprint, label=case.name)
+        else:
+            sizes["labels"] = write_label_map(
+                inferred.labels.labels, loaded.geometry, layout.labels(case),
+                loaded.source_orientation if space == "input" else MODEL_ORIENTATION,
+            )
         if inferred.logits is not None:
             sizes["logits"] = inferred.logits.finish()
             outputs["logits"] = layout.logits(case).name
@@ -331,6 +454,8 @@ def write_case(inferred: InferredCase, model: Model, layout: OutputLayout) -> Ca
         if inferred.logits is not None:
             inferred.logits.abort()
         raise
+    counts = inferred.labels.voxel_counts()
+    volumes_ml, confidence_by_label = _label_fields(inferred, model, counts)
     record = CaseRecord(
         case=case.name,
         input_path=str(case.path.resolve()),
@@ -340,7 +465,7 @@ def write_case(inferred: InferredCase, model: Model, layout: OutputLayout) -> Ca
         settings={**model.describe(), "device": str(model.backend.device)},
         outputs=outputs,
         output_sizes=sizes,
-        voxels_per_label={str(k): v for k, v in inferred.labels.voxel_counts().items()},
+        voxels_per_label={str(k): v for k, v in counts.items()},
         timings_s={
             "read": round(loaded.read_seconds, 4),
             "infer": round(inferred.infer_seconds, 4),
@@ -350,9 +475,65 @@ def write_case(inferred: InferredCase, model: Model, layout: OutputLayout) -> Ca
         confidence=inferred.confidence.confidence if inferred.confidence else None,
         num_classes=inferred.stats.num_classes,
         source_orientation=loaded.source_orientation,
+        obliquity_deg=round(loaded.obliquity_deg, 6),
+        grid=_grid_name(loaded, model),
+        fallback=list(inferred.fallback),
+        volumes_ml=volumes_ml,
+        confidence_by_label=confidence_by_label,
     )
     write_record(layout, case, record)
     return record
+
+
+def _label_fields(inferred: InferredCase, model: Model, counts: dict[int, int]
+                  ) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Per-label volumes (mL) and confidences by name. Counts are of the label array written
+    (``loaded.geometry``'s grid; reorienting to the input's axes keeps counts and volume)."""
+    classes = inferred.stats.num_classes
+    values = set(range(max(classes, 2))) | set(counts)  # one channel: 0 and 1
+    names = display_names(model.backend.defaults.labels, values)
+    voxel_mm3 = float(np.prod(inferred.loaded.geometry.spacing_mm))
+    conf = inferred.confidence.confidence_by_value() if inferred.confidence else None
+    return label_summary(counts, voxel_mm3, names, conf)
+
+
+def _grid_name(loaded: LoadedCase, model: Model) -> str:
+    """Where the outputs are: "lpi", "lpi-resampled" or "input" (the input file's grid)."""
+    if model.inference.settings.output_space == "input" and not loaded.case.files:
+        return "input"
+    return loaded.grid
+
+
+def _write_input_space(inferred: InferredCase, model: Model, layout: OutputLayout,
+                       outputs: dict[str, str], sizes: dict[str, int]) -> None:
+    """Labels (and logits) of --output-space input from the held LPI logits: reoriented, or
+    resampled linearly for a resampled oblique input, then the argmax (see inputspace)."""
+    loaded, case, held = inferred.loaded, inferred.loaded.case, inferred.held
+    assert held is not None and loaded.source_geometry is not None
+    assert loaded.source_shape is not None
+    resampled, save = loaded.grid == "lpi-resampled", held.save
+    logits, labels = to_input_grid(held, loaded.geometry, loaded.source_geometry,
+                                   loaded.source_shape, loaded.source_orientation, resampled)
+    if not resampled:  # the engine's float32 argmax, reoriented exactly like the logits
+        assert inferred.labels.labels is not None
+        labels = reorient(inferred.labels.labels, loaded.geometry, loaded.source_orientation)
+    inferred.labels.labels = labels  # the record's counts are of the written map
+    sizes["labels"] = write_label_map(labels, loaded.source_geometry, layout.labels(case), None)
+    if not save:
+        return
+    attributes = {**_logits_attributes(loaded, model), **loaded.source_geometry.as_dict(),
+                  "orientation": loaded.source_orientation, "grid": "input",
+                  "obliquity_deg": round(loaded.obliquity_deg, 6)}
+    sink = LogitsSink(layout.logits(case), attributes)
+    sink.begin(logits.shape[0], loaded.source_shape)
+    try:
+        for slab in slabs(logits, labels):
+            sink.consume(slab)
+        sizes["logits"] = sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    outputs["logits"] = layout.logits(case).name
 
 
 def done_result(inferred: InferredCase, record: CaseRecord, started: float,
@@ -363,8 +544,10 @@ def done_result(inferred: InferredCase, record: CaseRecord, started: float,
                         record=record)
     if keep_arrays:
         result.labels = inferred.labels.labels
-        # The windowed input, when the model ran on its grid (not a resampled copy).
-        result.image = loaded.voxels if loaded.input_grid is None else None
+        # The windowed input, when the model ran on its grid (not a resampled copy) and the
+        # labels are on it too (not moved to the input's grid, see _write_input_space).
+        same = loaded.input_grid is None and inferred.held is None
+        result.image = loaded.voxels if same else None
         result.spacing_zyx = tuple(reversed(loaded.geometry.spacing_mm))  # type: ignore[assignment]
     return result
 

@@ -49,6 +49,17 @@ class CaseRecord:
     confidence: float | None = None
     num_classes: int = 0
     source_orientation: str = ""
+    # Largest tilt (degrees) of the input's axes from the world axes, and the grid of the
+    # outputs: "lpi", "lpi-resampled" (oblique input, axis-aligned) or "input".
+    obliquity_deg: float = 0.0
+    grid: str = "lpi"
+    # What ran after out-of-memory errors, in order (e.g. "host accumulation, batch 1", "cpu").
+    fallback: list[str] = field(default_factory=list)
+    # By label name (the model's, else label_<v>): volume in mL on the grid of the written
+    # label map, and the mean confidence of the voxels given that label (None: no voxel;
+    # empty without --save-conf, where no confidence is computed).
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+    confidence_by_label: dict[str, float | None] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
     record_version: int = RECORD_VERSION
 
@@ -122,12 +133,43 @@ def confidence_rows(folder: Path) -> list[tuple[str, float]]:
             if r.confidence is not None and outputs_intact(layout, r)]
 
 
+def label_summary(counts: dict[int, int], voxel_mm3: float, names: dict[int, str],
+                  confidence: dict[int, float] | None
+                  ) -> tuple[dict[str, float], dict[str, float | None]]:
+    """``(volumes_ml, confidence_by_label)`` of a case keyed by ``names`` (value → name, one
+    entry per label value to report): voxel count x voxel volume (mm³) / 1000, and the mean
+    confidence of the label's voxels (``None`` when it has none; nothing when ``confidence``
+    is ``None``, i.e. not computed)."""
+    volumes = {names[v]: counts.get(v, 0) * voxel_mm3 / 1000.0 for v in sorted(names)}
+    by_label: dict[str, float | None] = {}
+    if confidence is not None:
+        by_label = {names[v]: confidence.get(v) for v in sorted(names)}
+    return volumes, by_label
+
+
+def _label_cells(folder: Path) -> tuple[dict[str, dict[str, float | None]], list[str]]:
+    """Per-label xlsx cells by case (``<name> mL``, ``<name> confidence``) from the records
+    of ``folder``, and the column order (names in the order the records list them)."""
+    cells: dict[str, dict[str, float | None]] = {}
+    columns: list[str] = []
+    for record in read_all_records(Path(folder)):
+        row: dict[str, float | None] = {}
+        for name, ml in record.volumes_ml.items():
+            row[f"{name} mL"] = ml
+            if record.confidence_by_label:
+                row[f"{name} confidence"] = record.confidence_by_label.get(name)
+        columns += [c for c in row if c not in columns]
+        cells[record.case] = row
+    return cells, columns
+
+
 REVIEW_COLUMNS = ["Case", "Failed checks", "Details"]
 
 
 def write_confidences(folder: Path, rows: list[tuple[str, float]] | None = None,
                       review: list[tuple[str, str, str]] | None = None) -> Path:
-    """Write ``confidences.xlsx`` (sheet ``Confidences``: ``Case``, ``Confidence``) from
+    """Write ``confidences.xlsx`` (sheet ``Confidences``: ``Case``, ``Confidence``, then per
+    label ``<name> mL`` and ``<name> confidence`` from the records) from
     ``rows``, by default :func:`confidence_rows` of ``folder``; with ``review`` rows (case,
     failed checks, details), also a sheet ``Review`` (only then: the CLI's table stays one
     sheet)."""
@@ -135,8 +177,10 @@ def write_confidences(folder: Path, rows: list[tuple[str, float]] | None = None,
 
     layout = OutputLayout(Path(folder))
     rows = confidence_rows(folder) if rows is None else rows
-    frame = pd.DataFrame([{"Case": _cell_text(c), "Confidence": v} for c, v in rows],
-                         columns=["Case", "Confidence"])
+    by_case, label_columns = _label_cells(folder)
+    frame = pd.DataFrame([{"Case": _cell_text(c), "Confidence": v, **by_case.get(c, {})}
+                          for c, v in rows],
+                         columns=["Case", "Confidence", *label_columns])
     # Under the table's own lock: runs sharing the folder take turns, and leftover cleanup
     # never removes a table being written.
     lock = try_lock(layout, Case(layout.confidences.name, layout.confidences), wait=True)

@@ -63,8 +63,11 @@ def _classify_skipped(layout: OutputLayout, cases: list[Case], fingerprint: str,
 def _run(todo: list[Case], complete: list[Case], layout: OutputLayout, settings: Settings,
          device: torch.device) -> list[CaseOutcome]:
     workers = worker_count(settings, device)
-    # A case can only be stopped from outside its process: time limits need a worker.
-    if (workers > 1 or settings.case_timeout is not None) and todo:
+    # A case can only be stopped from outside its process (time limits), and a crash in a
+    # native library (SimpleITK, onnxruntime) only survived there: cases run in a worker
+    # unless asked otherwise.
+    in_process = settings.in_process and workers == 1 and settings.case_timeout is None
+    if todo and not in_process:
         result = run_parallel(todo, settings, layout, workers, device)
         return result.outcomes + _classify_skipped(layout, complete, result.fingerprint,
                                                    result.described, settings)
@@ -78,8 +81,9 @@ def _run(todo: list[Case], complete: list[Case], layout: OutputLayout, settings:
 def run_batch(settings: Settings) -> RunSummary:
     """Run every case of ``settings.input_folder`` that is not done yet.
 
-    With one worker the cases run in this process; with more (``--num-proc``/``--gpus``)
-    they run in worker processes fed from one queue, largest input first.
+    The cases run in worker processes (one by default, ``--num-proc``/``--gpus`` more) fed
+    from one queue, largest input first; a worker that crashes fails only the case it
+    crashed on and is replaced. ``--in-process`` runs them in this process instead.
 
     Returns:
         The summary; its ``exit_code`` is 1 if any case failed.

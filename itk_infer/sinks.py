@@ -196,17 +196,40 @@ class ConfidenceSink(Sink):
         self.total = 0.0
         self.count = 0
         self._scratch = EntropyScratch()
+        # Per label value: float64 sum of confidence and voxel count over the voxels given
+        # that label, from the same per-voxel map (the global mean is mostly background).
+        self.label_total = torch.zeros(0, dtype=torch.float64)
+        self.label_count = torch.zeros(0, dtype=torch.int64)
 
     def consume(self, slab: Slab) -> None:
         for k in range(slab.logits.shape[1]):  # one slice at a time keeps temporaries small
             conf = confidence_map(slab.logits[:, k], self._scratch)
             self.total += float(conf.sum(dtype=torch.float64))
             self.count += conf.numel()
+            self._add_by_label(conf, slab.labels[k])
+
+    def _add_by_label(self, conf: torch.Tensor, labels: torch.Tensor) -> None:
+        values = labels.reshape(-1).to(torch.int64)
+        sums = torch.bincount(values, weights=conf.reshape(-1).to(torch.float64)).cpu()
+        counts = torch.bincount(values).cpu()
+        size = max(len(sums), len(self.label_total))
+        self.label_total = _grow(self.label_total, size) + _grow(sums, size)
+        self.label_count = _grow(self.label_count, size) + _grow(counts, size)
+
+    def confidence_by_value(self) -> dict[int, float]:
+        """Mean confidence over the voxels of each label value that has voxels."""
+        return {v: float(self.label_total[v]) / int(n)
+                for v, n in enumerate(self.label_count.tolist()) if n}
 
     @property
     def confidence(self) -> float:
         """Mean confidence over all voxels: 1.0 certain, 0.0 uniform."""
         return self.total / self.count if self.count else float("nan")
+
+
+def _grow(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """``counts`` zero-padded to ``size`` entries."""
+    return torch.nn.functional.pad(counts, (0, size - len(counts)))
 
 
 def logits_to_float16(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

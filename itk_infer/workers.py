@@ -11,10 +11,13 @@ right case when a worker dies.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -46,6 +49,9 @@ STARTUP_TRIES = 2
 MAX_ATTEMPTS = 2
 # Seconds a worker gets to exit after SIGTERM before it is killed.
 STOP_GRACE_S = 5.0
+# The pipeline step each function of a crashed thread's stack means (innermost wins).
+_STEPS = {"load_case": "read", "infer_case": "model", "write_case": "write"}
+_WHILE = {"read": "while reading it", "model": "in the model", "write": "while writing it"}
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -57,6 +63,36 @@ def describe_exit(exitcode: int | None) -> str:
             name = ""
         return f"worker exited with signal {-exitcode}{name}"
     return f"worker exited with code {exitcode}"
+
+
+def crashed_step(dump: str) -> str | None:
+    """The pipeline step ("read", "model", "write") the thread that crashed was in, from a
+    :mod:`faulthandler` dump of all threads; ``None`` if the dump does not say.
+
+    A worker reads the next case and writes the previous one while the model runs the
+    current one, so the case in the model is not always the one a native crash belongs to.
+    """
+    _, marker, current = dump.partition("Current thread ")
+    if not marker:
+        return None
+    for line in current.splitlines()[1:]:
+        if not line.strip():
+            break
+        match = re.search(r" in (\w+)$", line)
+        if match and match.group(1) in _STEPS:
+            return _STEPS[match.group(1)]
+    return None
+
+
+def _read_crash_log(path: str) -> str:
+    try:
+        with open(path, errors="replace") as file:
+            return file.read()
+    except OSError:
+        return ""
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -121,12 +157,17 @@ def worker_main(
     threads: int | None,
     log_level: int,
     parent_pid: int,
+    crash_log: str = "",
 ) -> None:
     """Entry point of a worker process (spawned): load the model, then run cases until the
-    parent says stop."""
+    parent says stop. A fatal signal (a crash in a native library) dumps every thread's
+    stack to ``crash_log``, from which the parent tells which case's step crashed."""
     # Ctrl-C reaches the whole process group; the parent alone decides how workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
+    if crash_log:
+        # Kept open for the life of the process: faulthandler writes to its descriptor.
+        faulthandler.enable(open(crash_log, "w"), all_threads=True)
     channel = _Channel(conn)
     root = logging.getLogger("itk_infer")
     root.handlers[:] = [_ForwardLogs(channel)]
@@ -138,6 +179,8 @@ def worker_main(
         if threads is not None:
             _limit_threads(threads)
         device = resolve_device(settings.device, gpu_index=gpu_index)
+        if device.type == "cuda":  # calls that take no device then act on this worker's GPU
+            torch.cuda.set_device(device)
         model = load_model(settings, device,
                            intra_op_threads=threads if device.type == "cpu" else None)
         channel.send(("ready", model.fingerprint, model.describe(), str(model.backend.device)))
@@ -189,9 +232,10 @@ class _Worker:
     open: bool = True  # the pipe has not reached EOF
     progressed: float = field(default_factory=time.monotonic)  # last phase change or outcome
     timed_out: bool = False  # killed by the parent for --case-timeout
+    crash_log: str = ""  # where its faulthandler writes on a fatal signal
 
 
-def _culprits(worker: _Worker) -> list[str]:
+def _culprits(worker: _Worker, crashed: str | None = None) -> list[str]:
     """The cases a dead worker's death is blamed on: the one in the model (a crash or an
     out-of-memory kill there is the likely cause); for a worker killed for --case-timeout with
     no case in the model, the step it was stuck in: the oldest read, else the write. The
@@ -199,6 +243,8 @@ def _culprits(worker: _Worker) -> list[str]:
     by_phase: dict[str, list[str]] = {}
     for case, phase in worker.held.values():
         by_phase.setdefault(phase, []).append(case.name)
+    if crashed is not None and by_phase.get(crashed):  # the crashed thread's own case
+        return by_phase[crashed][-1:]
     if by_phase.get("model") or not worker.timed_out:
         return by_phase.get("model", [])
     for phase in ("read", "queued", "write"):
@@ -244,12 +290,13 @@ def _quiet_resource_tracker() -> None:
 
 class _Pool:
     def __init__(self, todo: list[Case], settings: Settings, layout: OutputLayout,
-                 workers: int, device: torch.device) -> None:
+                 workers: int, device: torch.device, gpu_index: int | None = None) -> None:
         self.settings, self.layout = settings, layout
         self.queue: deque[Case] = deque(sorted(todo, key=_largest_first))
         self.slots = min(workers, len(self.queue))
         # --gpus 0: every visible GPU.
         self.gpus = (settings.gpus or torch.cuda.device_count()) if device.type == "cuda" else 1
+        self.gpu_index = gpu_index  # every worker on this one (a GPU leased by the caller)
         self.threads = max(1, available_cores() // self.slots)
         self.ctx = get_context("spawn")
         self.workers: dict[int, _Worker] = {}
@@ -269,10 +316,13 @@ class _Pool:
 
     def start(self, slot: int) -> None:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        handle, crash_log = tempfile.mkstemp(prefix="itk_infer-crash-", suffix=".txt")
+        os.close(handle)
         process = self.ctx.Process(
             target=worker_main,
-            args=(slot, child_conn, self.settings, slot % self.gpus, self.threads,
-                  logging.getLogger("itk_infer").getEffectiveLevel(), os.getpid()),
+            args=(slot, child_conn, self.settings,
+                  slot % self.gpus if self.gpu_index is None else self.gpu_index, self.threads,
+                  logging.getLogger("itk_infer").getEffectiveLevel(), os.getpid(), crash_log),
             name=f"itk_infer-worker-{slot}",
             daemon=True,
         )
@@ -287,7 +337,7 @@ class _Pool:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         child_conn.close()  # so the parent sees EOF when the worker dies
-        self.workers[slot] = _Worker(slot, process, parent_conn)
+        self.workers[slot] = _Worker(slot, process, parent_conn, crash_log=crash_log)
         self.progress.idle(slot, "loading the model")
 
     def stop_all(self) -> None:
@@ -302,6 +352,7 @@ class _Pool:
                 worker.process.kill()
                 worker.process.join()
             worker.conn.close()
+            _read_crash_log(worker.crash_log)
         self.workers.clear()
         remove_temporaries(self.layout)
         remove_stale_locks(self.layout)
@@ -437,6 +488,7 @@ class _Pool:
         worker.conn.close()
         del self.workers[worker.slot]
         code = worker.process.exitcode
+        crashed = crashed_step(_read_crash_log(worker.crash_log))
         if self.stopped:  # what it still held was never run
             for case, _phase in worker.held.values():
                 self.not_run(case.name)
@@ -451,6 +503,8 @@ class _Pool:
                 self.progress.idle(worker.slot, "finished")
             return
         cause = describe_exit(code)
+        if crashed is not None:
+            cause = f"{cause} {_WHILE[crashed]}"
         if worker.timed_out:
             cause = f"timed out after {self.settings.case_timeout:g} s"
         # Its temporaries (half-written outputs) and lock files would otherwise wait for the
@@ -460,7 +514,7 @@ class _Pool:
         if not worker.ready:
             self.startup_failures[worker.slot] += 1
             log.warning("worker %d died while loading the model: %s", worker.slot, cause)
-        culprits = _culprits(worker)
+        culprits = _culprits(worker, crashed)
         if worker.held:
             log.error("worker %d: %s while running %s", worker.slot, cause,
                       ", ".join(culprits) or "no case in the model")
@@ -504,15 +558,16 @@ def run_parallel(
     layout: OutputLayout,
     workers: int,
     device: torch.device,
+    gpu_index: int | None = None,
 ) -> ParallelResult:
     """Run ``todo`` in ``min(workers, len(todo))`` spawned worker processes.
 
     Worker k runs on GPU ``k mod G`` of the first G visible CUDA devices (``--gpus``; 0: all
-    of them), or on the CPU with its share of the cores.
+    of them), or on GPU ``gpu_index`` if given, or on the CPU with its share of the cores.
 
     Raises:
         UsageError: the workers cannot use the model (reported by the first to try).
         ItkInferError: no worker process could start.
         KeyboardInterrupt: workers are stopped and their temporaries removed first.
     """
-    return _Pool(todo, settings, layout, workers, device).run()
+    return _Pool(todo, settings, layout, workers, device, gpu_index).run()

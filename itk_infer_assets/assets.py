@@ -48,6 +48,7 @@ from itk_infer.config import OutputOptions
 from itk_infer.errors import ItkInferError
 from itk_infer.pipeline import CaseResult, Model
 from itk_infer.records import confidence_rows, write_confidences
+from itk_infer_assets.isolated import run_isolated
 from itk_infer_assets.partitions import (
     BATCH_SIZE_TAG,
     DATA_VERSION_IS_USER_PROVIDED_TAG,
@@ -116,6 +117,9 @@ def _segmentation_metadata(result: CaseResult, layout: OutputLayout, model: Mode
         "confidence": MetadataValue.float(float(record.confidence))
         if record.confidence is not None else MetadataValue.text("n/a"),
         "voxels_per_label": MetadataValue.json(record.voxels_per_label),
+        # By label name (the model's, else label_<v>); confidences only with save_conf.
+        "volumes_ml": MetadataValue.json(record.volumes_ml),
+        "confidence_by_label": MetadataValue.json(record.confidence_by_label),
         "timings_s": MetadataValue.json(record.timings_s),
         "num_classes": MetadataValue.int(int(record.num_classes)),
         "source_orientation": MetadataValue.text(record.source_orientation),
@@ -289,9 +293,17 @@ def itk_infer_inference(
         with itk_infer.leased_device(context.log) as device:
             context.log.info(f"{len(keys)} partition(s) on {device}; "
                              f"logits: {LOGITS in selected}")
-            model = itk_infer.load_model(device)
-            load_s = time.perf_counter() - t0
-            done = _run_folders(context, itk_infer, model, groups, failed, spec)
+            if itk_infer.case_timeout is not None:  # stoppable only in a worker process
+                load_s = 0.0
+                done = run_isolated(
+                    itk_infer.settings(save_logits=LOGITS in selected, save_conf=True),
+                    device, groups, failed,
+                    lambda key, result, layout, model: _log_done(
+                        context, key, result, layout, model, spec, previews=False))
+            else:
+                model = itk_infer.load_model(device)
+                load_s = time.perf_counter() - t0
+                done = _run_folders(context, itk_infer, model, groups, failed, spec)
     except (ItkInferError, TimeoutError) as error:
         # Settings, model or devices: nothing of this run can succeed.
         raise Failure(description=f"{type(error).__name__}: {error}") from error

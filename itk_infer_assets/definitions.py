@@ -24,6 +24,12 @@ from itk_infer_assets.assets import (
     confidences,
     itk_infer_inference,
 )
+from itk_infer_assets.pacs import (
+    build_pacs_sensor,
+    pacs_job,
+    pacs_resource_from_env,
+    pacs_segmentation,
+)
 from itk_infer_assets.resources import resource_from_env
 from itk_infer_assets.sensors import build_folder_sensor
 
@@ -58,13 +64,19 @@ confidences_automation = AutomationConditionSensorDefinition(
     description="Rebuilds confidences.xlsx after new segmentations.",
 )
 
+# The PACS source (README "DICOM and PACS"): only when ITK_INFER_PACS_URL is set.
+PACS = pacs_resource_from_env(os.environ)
+_pacs_parts: dict = {} if PACS is None else {
+    "assets": [pacs_segmentation], "jobs": [pacs_job], "resources": {"pacs": PACS},
+    "sensors": [build_pacs_sensor(pacs_job, minimum_interval_seconds=_interval)]}
+
 # A run is essentially one step (the GPU inference), so steps run inside the run's process:
 # no second interpreter (and torch import) per run. A Kubernetes deployment that wants a pod
 # per step swaps in `dagster_k8s.k8s_job_executor` here.
 defs = Definitions(
-    assets=[itk_infer_inference, confidences],
-    jobs=[inference_job],
-    sensors=[image_folder_sensor, confidences_automation],
-    resources={"itk_infer": resource_from_env()},
+    assets=[itk_infer_inference, confidences, *_pacs_parts.get("assets", [])],
+    jobs=[inference_job, *_pacs_parts.get("jobs", [])],
+    sensors=[image_folder_sensor, confidences_automation, *_pacs_parts.get("sensors", [])],
+    resources={"itk_infer": resource_from_env(), **_pacs_parts.get("resources", {})},
     executor=in_process_executor,
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,3 +45,12 @@ def pointwise_model(tmp_path: Path) -> Path:
 def random_volume() -> np.ndarray:
     rng = np.random.default_rng(7)
     return rng.uniform(-1.2, 1.2, size=(13, 21, 30)).astype(np.float32)
+
+
+@pytest.fixture
+def itk_logs(monkeypatch, caplog):
+    """itk_infer's warnings in caplog (an earlier CLI run in this process may have stopped the
+    logger's propagation)."""
+    monkeypatch.setattr(logging.getLogger("itk_infer"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="itk_infer")
+    return caplog

@@ -12,7 +12,9 @@ custom_imports = dict(imports=["examples.mmengine_model"], allow_failed_imports=
 wl = 0.0
 ww = 2000.0
 
-num_classes = 6  # background, body, lung, fat, vessel, bone
+num_classes = 6
+# Label names by value (examples/phantoms.py CLASS_NAMES); records and xlsx use them.
+labels = dict(background=0, body=1, lung=2, fat=3, vessel=4, bone=5)
 
 model = dict(
     type="DemoSegmentor",

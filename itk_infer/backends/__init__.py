@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from itk_infer.backends.base import Backend, ModelDefaults
 from itk_infer.config import Settings
 from itk_infer.errors import UsageError
+
+if TYPE_CHECKING:  # imported where used: the ONNX backend opens its session before torch
+    import torch
 
 __all__ = ["Backend", "ModelDefaults", "load_backend", "resolve_device"]
 log = logging.getLogger(__name__)
@@ -16,6 +18,8 @@ log = logging.getLogger(__name__)
 
 def resolve_device(requested: str, gpu_index: int = 0) -> torch.device:
     """``auto`` → CUDA when visible, else CPU; ``cuda`` without CUDA is a usage error."""
+    import torch
+
     if requested == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():

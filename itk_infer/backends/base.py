@@ -8,12 +8,13 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from itk_infer.config import as_spacing
 from itk_infer.errors import ModelError, UsageError
+
+if TYPE_CHECKING:  # annotations only: an ONNX run on the CPU starts before torch loads
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,51 @@ class ModelDefaults:
     window_width: float | None = None
     inference_config: Mapping[str, Any] = field(default_factory=dict)
     spacing: tuple[float, float, float] | None = None  # mm, Z Y X: what the model expects
+    # ``{name: value}`` as the model declares it (background included if declared), sorted by
+    # value; ``None`` when the model names no labels.
+    labels: dict[str, int] | None = None
+
+
+def parse_labels(value: Any, source: str,
+                 num_classes: int | None = None) -> dict[str, int] | None:
+    """Label names a model declares: ``{name: value}`` (JSON text or a mapping) or a list of
+    names meaning values ``0 .. N-1``. Malformed names (not ints, a value named twice, out of
+    ``[0, num_classes)`` when known) are a warning naming ``source`` and give ``None``: the
+    model still segments, its labels are then shown as ``label_<v>``."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if isinstance(value, Mapping):
+            pairs = [(str(k), _label_value(v)) for k, v in value.items()]
+        elif isinstance(value, list | tuple):
+            pairs = [(str(name), index) for index, name in enumerate(value)]
+        else:
+            raise TypeError(f"got {type(value).__name__}")
+        values = [v for _, v in pairs]
+        if len(set(values)) != len(values):
+            raise ValueError(f"a value is named twice: {values}")
+        if min(values, default=0) < 0 or (num_classes and max(values, default=0) >= max(
+                num_classes, 2)):
+            raise ValueError(f"values {values} outside [0, {max(num_classes or 2, 2)})")
+    except (TypeError, ValueError) as error:
+        log.warning("%s: ignoring the label names, they are not {name: value} or a list of "
+                    "names (%s); using label_<value>", source, error)
+        return None
+    return dict(sorted(pairs, key=lambda item: item[1])) or None
+
+
+def _label_value(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"label value {value!r} is not an integer")
+    return value
+
+
+def display_names(labels: Mapping[str, int] | None, values: Iterable[int]) -> dict[int, str]:
+    """``{value: name}`` for ``values``: the model's name for the value, else ``label_<v>``."""
+    by_value = {v: name for name, v in (labels or {}).items()}
+    return {int(v): by_value.get(int(v), f"label_{int(v)}") for v in values}
 
 
 # Keys of the original tool that configs keep loading with, but that change nothing here:

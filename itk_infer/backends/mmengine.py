@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
@@ -55,6 +56,7 @@ from itk_infer.backends.base import (
     ModelDefaults,
     clean_inference_config,
     fingerprint_files,
+    parse_labels,
     parse_spacing,
     require_file,
 )
@@ -370,6 +372,8 @@ class MMEngineBackend:
                 f"{source}: model.inference_config",
             ),
             spacing=parse_spacing(_plain(cfg.get("spacing")), source),
+            # ``classes`` (names by value) is what OpenMMLab dataset configs call them.
+            labels=parse_labels(_plain(cfg.get("labels", cfg.get("classes"))), source),
         )
         self.fingerprint = fingerprint_files([self.ckpt_path, self.cfg_path])
         self.static_patch_size = None
@@ -380,6 +384,9 @@ class MMEngineBackend:
             int(num_classes) if isinstance(num_classes, int) and not isinstance(num_classes, bool)
             else None
         )
+        if self.defaults.labels and self.num_classes:  # the range is known only now
+            self.defaults = dataclasses.replace(self.defaults, labels=parse_labels(
+                self.defaults.labels, source, self.num_classes))
 
     def _read_config(self) -> Any:
         from mmengine.config import Config

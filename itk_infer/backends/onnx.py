@@ -1,22 +1,30 @@
-"""ONNX Runtime backend: CUDA provider with device-bound I/O on GPUs, CPU provider elsewhere."""
+"""ONNX Runtime backend: CUDA provider with device-bound I/O on GPUs, CPU provider elsewhere.
+
+Importing this module does not import torch: on the CPU the session can be opened (and the
+first batches run, see :mod:`itk_infer.warmstart`) while torch is still loading.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from itk_infer.backends.base import (
     ModelDefaults,
     fingerprint_files,
     parse_inference_config_json,
+    parse_labels,
     parse_spacing,
     require_file,
 )
 from itk_infer.errors import ModelError
+from itk_infer.startup import claim, model_key, note_first_forward
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +54,31 @@ def _session_options(ort: Any, intra_op_threads: int | None) -> Any:
     return options
 
 
-def _providers(device: torch.device) -> list:
-    """Execution providers for ``device``: CUDA first on a GPU, the CPU always."""
-    if device.type == "cuda":
-        return [
-            ("CUDAExecutionProvider", {"device_id": device.index or 0}),
-            "CPUExecutionProvider",
-        ]
+def _providers(device: torch.device | None) -> list:
+    """Execution providers for ``device`` (``None``: the CPU): CUDA first on a GPU, the CPU
+    always."""
+    if device is not None and device.type == "cuda":
+        return [("CUDAExecutionProvider", _cuda_options(device)), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+# Share of the device's free memory (when the session opens) its arena may hold.
+ARENA_SHARE = 0.6
+
+
+def _cuda_options(device: torch.device) -> dict[str, Any]:
+    """The CUDA provider's options: an arena that grows only by what is asked and is capped,
+    so that the memory torch reports free (the engine plans its slab from it) stays free."""
+    import torch
+
+    index = device.index or 0
+    options: dict[str, Any] = {"device_id": index, "arena_extend_strategy": "kSameAsRequested"}
+    try:
+        free, _total = torch.cuda.mem_get_info(index)
+        options["gpu_mem_limit"] = int(free * ARENA_SHARE)
+    except Exception:  # no way to ask: leave the provider's default limit
+        pass
+    return options
 
 
 def _open_session(ort: Any, model_bytes: bytes, options: Any, providers: list,
@@ -88,8 +113,10 @@ def _check_signature(session: Any, source: str) -> tuple[Any, Any]:
 
 
 def _read_defaults(session: Any, source: str) -> ModelDefaults:
-    """Window and ``inference_config`` from the model's custom metadata map."""
+    """Window, ``inference_config``, spacing and label names (key ``labels``, JSON
+    ``{name: value}``) from the model's custom metadata map."""
     meta = dict(session.get_modelmeta().custom_metadata_map)
+    classes = _static(session.get_outputs()[0].shape[1])
     config = (
         parse_inference_config_json(meta["inference_config"], source)
         if "inference_config" in meta
@@ -100,7 +127,68 @@ def _read_defaults(session: Any, source: str) -> ModelDefaults:
         window_width=_parse_float(meta, "window_width", source),
         inference_config=config,
         spacing=parse_spacing(meta.get("spacing"), source),
+        labels=parse_labels(meta.get("labels"), source, classes),
     )
+
+
+class Prefetched(Protocol):
+    """Outputs the session already gave for the batches a warm start expects first."""
+
+    def take(self, x: np.ndarray) -> np.ndarray | None:
+        """The stored output for ``x`` if ``x`` is bit for bit the next stored input; else
+        ``None`` (from then on always ``None``)."""
+
+    def close(self) -> None:
+        """Stop and drop whatever is stored."""
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+class PreparedSession:
+    """The model opened for the CPU exactly as :class:`OnnxBackend` opens it there (default
+    threads), without torch: a warm start prepares one and the backend adopts it instead of
+    opening the file a second time. ``prefetched``: outputs of the first batches, if any."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        self.path = require_file(path, "ONNX model (--onnx)")
+        self.key = _file_key(self.path)
+        source = self.path.name
+        self.session = _open_session(ort, self.path.read_bytes(), _session_options(ort, None),
+                                     _providers(None), source)
+        inp, out = _check_signature(self.session, source)
+        self.input_name, self.output_name = inp.name, out.name
+        self.input_dtype = _ORT_TO_NUMPY[inp.type]
+        self.defaults = _read_defaults(self.session, source)
+        spatial = tuple(_static(d) for d in inp.shape[2:])
+        self.static_patch_size = spatial if all(spatial) else None
+        self.static_batch_size = _static(inp.shape[0])
+        self.prefetched: Prefetched | None = None
+
+
+def _adopt(path: Path, device: torch.device, fp16: bool,
+           intra_op_threads: int | None) -> PreparedSession | None:
+    """The session prepared for ``path`` if it was opened as this backend would open it and
+    the file is unchanged since; waits for one still being opened."""
+    pending = claim(model_key("onnx", path))
+    if pending is None:
+        return None
+    try:
+        prepared = pending.result()
+    except Exception:  # its own error: the backend opens the file and reports it
+        return None
+    if prepared is None:
+        return None
+    if device.type != "cpu" or fp16 or intra_op_threads is not None or (
+            prepared.key != _file_key(path)):
+        if prepared.prefetched is not None:
+            prepared.prefetched.close()
+        return None
+    return prepared
 
 
 class OnnxBackend:
@@ -122,14 +210,20 @@ class OnnxBackend:
         intra_op_threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
+        import torch
 
         self.path = require_file(path, "ONNX model (--onnx)")
         self.device = device
         source = self.path.name
         options = _session_options(ort, intra_op_threads)
         providers = _providers(device)
-        model_bytes = self.path.read_bytes()
-        session = _open_session(ort, model_bytes, options, providers, source)
+        prepared = _adopt(self.path, device, fp16, intra_op_threads)
+        self._prefetched = prepared.prefetched if prepared is not None else None
+        if prepared is not None:  # the same session as below, opened during start-up
+            session, model_bytes = prepared.session, b""
+        else:
+            model_bytes = self.path.read_bytes()
+            session = _open_session(ort, model_bytes, options, providers, source)
         inp, out = _check_signature(session, source)
         if device.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             log.warning("%s: onnxruntime has no CUDA provider here; running on the CPU", source)
@@ -166,13 +260,23 @@ class OnnxBackend:
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Run (N, 1, Z, Y, X) windows; returns (N, C, Z, Y, X) logits on ``self.device``."""
+        import torch
+
         if self.device.type == "cuda":
             return self._forward_cuda(batch)
         x = batch.detach().to("cpu", torch.float32).numpy().astype(self._input_dtype, copy=False)
+        if self._prefetched is not None:
+            y = self._prefetched.take(x)  # this session's output for this very input
+            if y is not None:
+                return torch.from_numpy(y)
+            self._prefetched = None
+        note_first_forward("onnx")
         (y,) = self._session.run([self._output_name], {self._input_name: x})
         return torch.from_numpy(np.asarray(y))
 
     def _forward_cuda(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
         # Bind device memory on both sides so no window makes a round trip through the host.
         in_dtype = torch.float16 if self._input_dtype == np.float16 else torch.float32
         out_dtype = torch.float16 if self._output_dtype == np.float16 else torch.float32

@@ -9,7 +9,6 @@ then rewritten with SimpleITK in the requested extension and type, geometry unch
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
@@ -47,55 +46,11 @@ class Busy(Exception):
 # --------------------------------------------------------------------------- label names
 
 
-def parse_labels(value: Any, source: str) -> dict[str, int] | None:
-    """Label names a model declares: ``{name: value}`` (JSON text or a mapping) or a list
-    of names indexed by value (``classes``, background first). Value 0 (background) is left
-    out; ``None`` when absent or malformed (with a warning)."""
-    if value is None:
-        return None
-    try:
-        if isinstance(value, str):
-            value = json.loads(value)
-        if isinstance(value, dict):
-            pairs = [(str(k), int(v)) for k, v in value.items()]
-        elif isinstance(value, list | tuple):
-            pairs = [(str(name), index) for index, name in enumerate(value)]
-        else:
-            raise TypeError(type(value).__name__)
-    except (TypeError, ValueError) as error:
-        log.warning("%s: labels are neither {name: value} nor a list of names (%s); "
-                    "using label_1, label_2, ...", source, error)
-        return None
-    names = {name: number for name, number in pairs if number > 0}
-    return dict(sorted(names.items(), key=lambda item: item[1])) or None
-
-
 def declared_labels(model: Model) -> dict[str, int] | None:
-    """The label names the model carries, if any: ``defaults.labels`` when the backend
-    reads them, else the ONNX metadata key ``labels`` or the MMEngine config's ``labels``
-    or ``classes``."""
-    backend = model.backend
-    labels = getattr(backend.defaults, "labels", None)
-    if labels:
-        return parse_labels(labels, backend.name)
-    if backend.name == "onnx":
-        session = getattr(backend, "_session", None)  # the loaded session: no second read
-        if session is not None:
-            meta = dict(session.get_modelmeta().custom_metadata_map)
-            return parse_labels(meta.get("labels"), "ONNX metadata")
-        return None
-    cfg_path = getattr(backend, "cfg_path", None)
-    if cfg_path is None:
-        return None
-    try:
-        from mmengine.config import Config
-
-        cfg = Config.fromfile(str(cfg_path), import_custom_modules=False)
-    except Exception as error:  # the backend read it already; a second read may still fail
-        log.warning("cannot read label names from the MMEngine config: %s", error)
-        return None
-    value = cfg.get("labels", cfg.get("classes"))
-    return parse_labels(list(value) if isinstance(value, tuple) else value, "MMEngine config")
+    """The label names the model carries (``defaults.labels``, read once by the backend),
+    background excluded; ``None`` when it names none."""
+    labels = model.backend.defaults.labels or {}
+    return {name: value for name, value in labels.items() if value > 0} or None
 
 
 def label_names(model: Model) -> dict[str, int]:

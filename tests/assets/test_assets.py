@@ -139,6 +139,7 @@ def test_one_materialisation_per_partition_with_metadata(both):
         assert meta["path"].value == str(layout.labels(case))
         assert meta["confidence"].value == pytest.approx(record["confidence"])
         assert meta["voxels_per_label"].value == record["voxels_per_label"]
+        assert meta["volumes_ml"].value == record["volumes_ml"]
         assert set(meta["timings_s"].value) >= {"read", "infer", "write"}
         md = meta["preview"].value
         prefix = "data:image/png;base64,"
@@ -155,7 +156,11 @@ def test_confidences_asset_holds_every_partition(both):
     rows = {}
     for folder in ("2026-11-26", "."):
         frame = read_table(dagster_out / folder / "confidences.xlsx")
-        assert list(frame.columns) == ["Case", "Confidence"]
+        # The demo model names its classes: per-label columns follow the seed's two.
+        from examples.phantoms import CLASS_NAMES
+
+        assert list(frame.columns) == ["Case", "Confidence"] + [
+            f"{name} {kind}" for name in sorted(CLASS_NAMES) for kind in ("mL", "confidence")]
         for case, value in zip(frame["Case"], frame["Confidence"], strict=True):
             rows[f"{folder}/{case}".removeprefix("./")] = value
     expected = {}

@@ -119,17 +119,10 @@ def cli(*args) -> int:
     logger = logging.getLogger("itk_infer")
     saved = (logger.handlers[:], logger.level, logger.propagate)
     try:
-        return main([*map(str, args), "--device", "cpu", "--no-progress"])
+        # --in-process: tests read what the model saw in this process.
+        return main([*map(str, args), "--device", "cpu", "--no-progress", "--in-process"])
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
-
-
-@pytest.fixture
-def itk_logs(monkeypatch, caplog):
-    """itk_infer's warnings in caplog (the CLI may have stopped its propagation)."""
-    monkeypatch.setattr(logging.getLogger("itk_infer"), "propagate", True)
-    caplog.set_level(logging.WARNING, logger="itk_infer")
-    return caplog
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ to the default LPI label maps."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -46,3 +48,32 @@ def test_input_space_matches_the_input_grid_and_the_lpi_labels(tmp_path, pointwi
     # are its function of the input array, with no reorientation at all.
     windowed = (np.clip(volume, -1.0, 1.0) + 1.0) / 2.0  # wl 0, ww 2
     np.testing.assert_array_equal(labels_native, pointwise_logits(windowed, 3).argmax(axis=0))
+
+
+@pytest.mark.parametrize("direction", [LPI, RAS, PIR, OBLIQUE])
+def test_input_space_logits_are_voxel_aligned_with_the_input(tmp_path, pointwise_model,
+                                                             direction):
+    import zarr
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    volume = np.random.default_rng(5).uniform(-1.2, 1.2, (9, 13, 17)).astype(np.float32)
+    write_volume(inp / "v.nii.gz", volume, direction=direction)
+    out = tmp_path / "out"
+    assert main(["-i", str(inp), "--onnx", str(pointwise_model), "--device", "cpu",
+                 "--no-progress", "-o", str(out), "--output-space", "input",
+                 "--save-logits"]) == 0
+    source = sitk.ReadImage(str(inp / "v.nii.gz"))
+    array = zarr.open_array(str(out / "v.zarr"), mode="r")
+    logits = np.asarray(array[:], dtype=np.float32)
+    assert logits.shape == (3, *volume.shape)  # the input file's array order
+    np.testing.assert_allclose(array.attrs["spacing_mm"], source.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(array.attrs["origin_mm"], source.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(array.attrs["direction"], source.GetDirection(), atol=1e-6)
+    # The pointwise model on the input's own array, no reorientation (float16: 0.02).
+    windowed = (np.clip(volume, -1.0, 1.0) + 1.0) / 2.0
+    np.testing.assert_allclose(logits, pointwise_logits(windowed, 3), atol=0.02)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "v.nii.gz")))
+    np.testing.assert_array_equal(logits.argmax(axis=0), labels)
+    record = json.loads((out / ".itk_infer" / "v.json").read_text())
+    assert record["grid"] == array.attrs["grid"] == "input"

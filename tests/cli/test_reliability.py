@@ -19,8 +19,9 @@ from tests.conftest import write_volume
 
 
 def _run(inp: Path, out: Path, model: Path, *extra: str) -> int:
+    # --in-process: the tests patch the library in this process, which a worker would not see.
     return main(["-i", str(inp), "-o", str(out), "--onnx", str(model), "--device", "cpu",
-                 "--no-progress", *extra])
+                 "--no-progress", "--in-process", *extra])
 
 
 def _volume(seed: int = 0) -> np.ndarray:

@@ -76,8 +76,9 @@ def write_conv_model(path: Path, slope, offset, metadata: dict | None = None) ->
 
 
 def run(inputs: Path, output: Path, model: Path, *extra: str) -> int:
+    # --in-process: tests patch the library in this process, which a worker would not see.
     return main(["-i", str(inputs), "-o", str(output), "--onnx", str(model),
-                 "--device", "cpu", "--no-progress", *extra])
+                 "--device", "cpu", "--no-progress", "--in-process", *extra])
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -341,7 +342,7 @@ def test_killed_run_leaves_no_zarr_taken_as_done(tmp_path, moment):
     model = write_conv_model(tmp_path / "m.onnx", *pointwise_weights(3))
     out = tmp_path / "out"
     args = ["-i", str(inputs), "-o", str(out), "--onnx", str(model), "--device", "cpu",
-            "--no-progress", "--save-logits"]
+            "--no-progress", "--save-logits", "--in-process"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
         "PYTHONPATH", "")])}
     killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, moment, *args], env=env,

@@ -63,7 +63,10 @@ def test_slicer_sequence_with_nrrd_matches_the_command_line(open_server, cli_lab
     assert "config" not in info  # Slicer asks for a server upgrade when it is there
     (name, model), = info["models"].items()
     assert model["type"] == "segmentation" and model["dimension"] == 3
-    assert model["labels"] == {f"label_{i}": i for i in range(1, 6)}  # 6 classes
+    # The names come from the demo model's ONNX metadata ``labels``, background left out.
+    from examples.phantoms import CLASS_NAMES
+
+    assert model["labels"] == {n: i for i, n in enumerate(CLASS_NAMES) if i}
     assert info["labels"] == list(model["labels"])
     assert info["trainers"] == info["strategies"] == info["scoring"] == {}
     assert info["train_stats"] == {}

@@ -176,14 +176,15 @@ def test_gate_bounds_the_queue():
 
 
 def test_label_names():
-    from itk_infer.server.inference import generic_labels, parse_labels
+    from itk_infer.backends.base import parse_labels
+    from itk_infer.server.inference import generic_labels
 
     assert generic_labels(6) == {f"label_{i}": i for i in range(1, 6)}
     assert generic_labels(1) == {"label_1": 1}  # a sigmoid model
 
     assert parse_labels('{"background": 0, "liver": 1, "spleen": 2}', "t") == {
-        "liver": 1, "spleen": 2}
-    assert parse_labels(["background", "liver"], "t") == {"liver": 1}
+        "background": 0, "liver": 1, "spleen": 2}
+    assert parse_labels(["background", "liver"], "t") == {"background": 0, "liver": 1}
     assert parse_labels("not json", "t") is None
     assert parse_labels(None, "t") is None
 
@@ -204,10 +205,11 @@ def test_label_names_from_the_model(tmp_path):
                                                                        "label_2": 2}
     assert label_names(load_model(Settings(onnx_path=named), cpu)) == {"liver": 1,
                                                                        "tumour": 2}
-    config = tmp_path / "config.py"
-    config.write_text("classes = ('background', 'kidney', 'cyst')\n")
-    backend = SimpleNamespace(name="mmengine", cfg_path=config, num_classes=3,
-                              defaults=SimpleNamespace())
+    # The server shows the backend's parsed names, background left out.
+    from itk_infer.backends.base import ModelDefaults
+
+    backend = SimpleNamespace(name="mmengine", num_classes=3, defaults=ModelDefaults(
+        labels={"background": 0, "kidney": 1, "cyst": 2}))
     assert label_names(SimpleNamespace(backend=backend)) == {"kidney": 1, "cyst": 2}
 
 
