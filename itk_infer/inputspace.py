@@ -10,13 +10,18 @@ argmax, as :class:`itk_infer.resample.BackToInputGrid` does for a model spacing.
 A slab of the input file's array can need any slice of the LPI grid (a transposed or tilted
 axis), so the logits are held whole, in float16: :class:`HoldLogits` keeps C x N x 2 bytes on
 the LPI grid, and :func:`to_input_grid` builds the input-grid logits (float16, C x N x 2 bytes)
-one class at a time, with the running maximum (float32) and its label, so the peak is about
-twice the float16 logits plus a few float32 volumes.
+one class at a time, with the running maximum (float32) and its label. Both float16 volumes
+live in unnamed files in the output folder, mapped into memory: the page cache holds them
+while memory is free and the kernel writes them out when it is not, so the process's own
+memory stays a few float32 volumes, as the engine's bound promises, whatever C is. The files
+have no name (nothing to clean up, nothing that looks like an output) and vanish when closed.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,15 +35,28 @@ from itk_infer.imageio import Geometry, reorient
 SLAB_SLICES = 8
 
 
-class HoldLogits(Sink):
-    """Keeps the blended logits (C, Z, Y, X) of the LPI grid in float16."""
+def file_backed(shape: tuple[int, ...], directory: Path | None) -> torch.Tensor:
+    """An uninitialised float16 tensor mapped from an unnamed file in ``directory`` (in
+    memory when ``directory`` is None)."""
+    if directory is None:
+        return torch.empty(shape, dtype=torch.float16)
+    with tempfile.TemporaryFile(dir=directory) as handle:  # the mapping outlives the handle
+        handle.truncate(int(np.prod(shape)) * 2)
+        array = np.memmap(handle, dtype=np.float16, mode="r+", shape=shape)
+    return torch.from_numpy(array)
 
-    def __init__(self, save: bool) -> None:
+
+class HoldLogits(Sink):
+    """Keeps the blended logits (C, Z, Y, X) of the LPI grid in float16, in an unnamed file of
+    ``spill_dir`` if given (see the module's docstring)."""
+
+    def __init__(self, save: bool, spill_dir: Path | None = None) -> None:
         self.save = save  # the logits are an output too, not only the labels' source
+        self.spill_dir = spill_dir
         self.logits: torch.Tensor | None = None
 
     def begin(self, num_classes: int, shape_zyx: Triple) -> None:
-        self.logits = torch.empty((num_classes, *shape_zyx), dtype=torch.float16)
+        self.logits = file_backed((num_classes, *shape_zyx), self.spill_dir)
 
     def consume(self, slab: Slab) -> None:
         assert self.logits is not None
@@ -72,7 +90,7 @@ def to_input_grid(held: HoldLogits, lpi: Geometry, source: Geometry,
     labels: the argmax of the float32 values, the first class on ties (as the engine)."""
     assert held.logits is not None
     classes = held.logits.shape[0]
-    out = torch.empty((classes, *source_shape), dtype=torch.float16)
+    out = file_backed((classes, *source_shape), held.spill_dir)
     best = np.empty(source_shape, np.float32)
     labels = np.zeros(source_shape, np.uint8 if classes <= 256 else np.int32)
     for c in range(classes):

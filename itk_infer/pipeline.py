@@ -346,7 +346,7 @@ def _case_sinks(loaded: LoadedCase, model: Model, layout: OutputLayout, outputs:
     confidence = ConfidenceSink() if outputs.save_conf else None
     logits, held = None, None
     if _holds_logits(loaded, model, outputs):
-        held = HoldLogits(save=outputs.save_logits)
+        held = HoldLogits(save=outputs.save_logits, spill_dir=layout.folder)
     elif outputs.save_logits:
         logits = LogitsSink(layout.logits(loaded.case), _logits_attributes(loaded, model))
     return labels, logits, held, confidence

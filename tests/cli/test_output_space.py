@@ -4,6 +4,7 @@ to the default LPI label maps."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +78,30 @@ def test_input_space_logits_are_voxel_aligned_with_the_input(tmp_path, pointwise
     np.testing.assert_array_equal(logits.argmax(axis=0), labels)
     record = json.loads((out / ".itk_infer" / "v.json").read_text())
     assert record["grid"] == array.attrs["grid"] == "input"
+
+
+def _anonymous_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_held_logits_live_in_unnamed_files_not_in_process_memory(tmp_path):
+    """What --output-space input holds (C x N float16, twice) is mapped from unnamed files of
+    the output folder: filling 128 MiB of it grows the process's anonymous memory by far less,
+    where the same volume in memory grows it by all of it; no file is left behind."""
+    from itk_infer.inputspace import file_backed
+
+    shape = (4, 64, 512, 512)  # 128 MiB of float16
+    before = _anonymous_mib()
+    held = file_backed(shape, tmp_path)
+    held.fill_(1.5)
+    spilled = _anonymous_mib() - before
+    assert bool((held[:, ::7, ::61, ::59] == 1.5).all()) and float(held[3, 63, 511, 511]) == 1.5
+    in_memory = file_backed(shape, None)
+    in_memory.fill_(1.5)
+    resident = _anonymous_mib() - before - spilled
+    assert spilled < 16 and resident > 120, (spilled, resident)
+    assert list(tmp_path.iterdir()) == []
