@@ -9,12 +9,15 @@ start to the first model forward, and a 4-case run against the bare model forwar
    calls of 2). Each repeat measures (b) the bare onnxruntime forward over exactly the
    engine's windows and batches (``bench_runner.bare_forward_seconds``) and then runs the
    command once per source tree; the ratio (a)/(b) is taken within the repeat, then the
-   median over repeats. The first forward is seen from outside: the command runs under a
-   small wrapper that notes the wall clock at the first ``InferenceSession.run`` (any
-   thread), so trees without start-up logging are measured the same way.
+   median over repeats. The first forward is seen from outside: a ``sitecustomize`` module
+   put first on the path notes the wall clock at the first ``InferenceSession.run`` of each
+   process (any thread; the worker processes too), so trees without start-up logging are
+   measured the same way.
 
 ``--tree NAME=PATH`` (repeatable) names source trees to compare, e.g. a clean
 ``git worktree`` of the last commit as ``before`` and ``.`` as ``after``; default: this tree.
+``--variant NAME=ARGS`` (repeatable) runs each tree with more command-line arguments, e.g.
+``--variant worker= --variant "in-process=--in-process"``; default: the plain command.
 Run from the repository root: ``python benchmarks/bench_startup.py``.
 """
 
@@ -38,9 +41,10 @@ from bench_runner import DEMO_MODEL, bare_forward_seconds, machine, write_phanto
 HEAVY = ("itk_infer.cli", "itk_infer.runner", "torch", "onnxruntime", "SimpleITK", "numpy",
          "pandas", "zarr", "dagster")
 
-# Runs ``python -m itk_infer ARGS`` and prints the wall clock of the first model forward.
-WRAPPER = '''
-import importlib.abc, importlib.util, os, runpy, sys, threading, time
+# Imported by every Python process of a run (as ``sitecustomize``): prints the wall clock of
+# the process's first model forward.
+HOOK = '''
+import importlib.abc, importlib.util, os, sys, threading, time
 
 TARGET = "onnxruntime.capi.onnxruntime_inference_collection"
 seen = threading.Lock()
@@ -70,14 +74,14 @@ class Hook(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, Hook())
-sys.argv = ["itk_infer", *sys.argv[1:]]
-runpy.run_module("itk_infer", run_name="__main__", alter_sys=True)
 '''
 
 
-def _env(tree: Path) -> dict[str, str]:
-    """The environment that makes ``tree``'s ``itk_infer`` the imported one."""
-    return {**os.environ, "PYTHONPATH": str(tree)}
+def _env(tree: Path, hook: Path | None = None) -> dict[str, str]:
+    """The environment that makes ``tree``'s ``itk_infer`` the imported one (and ``hook``'s
+    ``sitecustomize``)."""
+    path = str(tree) if hook is None else f"{hook}{os.pathsep}{tree}"
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def help_seconds(tree: Path, repeats: int) -> float:
@@ -102,22 +106,23 @@ def import_costs(tree: Path, module: str) -> dict[str, float]:
     return costs
 
 
-def one_run(tree: Path, wrapper: Path, folder: Path, out: Path, model: Path,
-            stride: list[int]) -> tuple[float, float]:
+def one_run(tree: Path, hook: Path, folder: Path, out: Path, model: Path,
+            stride: list[int], extra: list[str]) -> tuple[float, float]:
     """Wall seconds of the whole command and seconds from its start to the first forward."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(wrapper), "-i", str(folder), "-o", str(out), "--onnx", str(model),
-           "--device", "cpu", "--no-progress", "--patch-stride", *map(str, stride)]
+    cmd = [sys.executable, "-m", "itk_infer", "-i", str(folder), "-o", str(out),
+           "--onnx", str(model), "--device", "cpu", "--no-progress",
+           "--patch-stride", *map(str, stride), *extra]
     started = time.time()
     t0 = time.perf_counter()
-    result = subprocess.run(cmd, cwd=tree, env=_env(tree), capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=tree, env=_env(tree, hook), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if result.returncode != 0:
         raise SystemExit(f"itk_infer ({tree}) failed ({result.returncode}):\n{result.stderr}")
-    first = re.search(r"FIRST_FORWARD (\S+)", result.stderr)
-    if first is None:
+    firsts = [float(t) for t in re.findall(r"FIRST_FORWARD (\S+)", result.stderr)]
+    if not firsts:
         raise SystemExit(f"no forward seen in the run of {tree}:\n{result.stderr}")
-    return wall, float(first[1]) - started
+    return wall, min(firsts) - started
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,9 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch-stride", type=int, nargs=3, default=(32, 64, 64),
                         metavar=("Z", "Y", "X"))
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS")
     args = parser.parse_args(argv)
     trees = dict(t.split("=", 1) for t in args.tree) or {"this tree": str(ROOT)}
     trees = {name: Path(path).resolve() for name, path in trees.items()}
+    variants = {name: extra.split() for name, extra in
+                (v.split("=", 1) for v in args.variant)} or {"": []}
+    runs = {f"{tree} {variant}".strip(): (tree, extra) for tree in trees
+            for variant, extra in variants.items()}
     stride = list(args.patch_stride)
     info = machine()
 
@@ -148,20 +158,21 @@ def main(argv: list[str] | None = None) -> None:
               f"| {cli.get('itk_infer.cli', 0):.0f} | {run.get('itk_infer.runner', 0):.0f} "
               f"| {parts}{' (also ' + ', '.join(extra) + ')' if extra else ''} |")
 
-    walls: dict[str, list[float]] = {name: [] for name in trees}
-    firsts: dict[str, list[float]] = {name: [] for name in trees}
-    ratios: dict[str, list[float]] = {name: [] for name in trees}
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    firsts: dict[str, list[float]] = {name: [] for name in runs}
+    ratios: dict[str, list[float]] = {name: [] for name in runs}
     bares = []
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
-        folder, wrapper = Path(tmp) / "in", Path(tmp) / "first_forward.py"
-        wrapper.write_text(WRAPPER)
+        folder, hook = Path(tmp) / "in", Path(tmp) / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(HOOK)
         write_phantoms(folder, args.cases, tuple(args.size))
         for repeat in range(args.repeats):
             bare, windows, calls = bare_forward_seconds(folder, args.model, stride, "cpu")
             bares.append(bare)
-            for name, tree in trees.items():
-                wall, first = one_run(tree, wrapper, folder, Path(tmp) / "out", args.model,
-                                      stride)
+            for name, (tree, extra) in runs.items():
+                wall, first = one_run(trees[tree], hook, folder, Path(tmp) / "out",
+                                      args.model, stride, extra)
                 walls[name].append(wall)
                 firsts[name].append(first)
                 ratios[name].append(wall / bare)
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| tree | process start → first forward, s | whole run (a), s | bare forward (b), s "
           "| (a)/(b) | (a)/(b) min..max |")
     print("|---|---|---|---|---|---|")
-    for name in trees:
+    for name in runs:
         print(f"| {name} | {statistics.median(firsts[name]):.2f} "
               f"| {statistics.median(walls[name]):.2f} | {statistics.median(bares):.2f} "
               f"| {statistics.median(ratios[name]):.2f} "
