@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from itk_infer import __version__
+from itk_infer import __version__, prestart
 from itk_infer.config import Settings, add_arguments, describe_settings, settings_from_args
 from itk_infer.errors import ItkInferError, UsageError
 
@@ -79,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         from itk_infer.warmstart import begin
 
-        # The model's first forwards start while the runner's imports (torch) load.
+        # The worker process (default) or, in this process, the model's first forwards start
+        # while the runner's imports (torch) load.
+        prestart.begin(settings)
         warm = begin(settings)
         from itk_infer.runner import run_batch  # after parsing: --help needs no torch
 
@@ -98,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
         if warm is not None:
             warm.close()
+        prestart.close()  # a worker the run did not take
     for outcome in summary.failed:
         print(f"FAILED {outcome.case}: {outcome.reason}", file=sys.stderr)
     print(f"{summary.headline()} ({summary.wall_seconds:.1f} s) -> {settings.output_folder}")

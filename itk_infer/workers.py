@@ -17,19 +17,17 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 import torch
 
-from itk_infer import errors
+from itk_infer import errors, prestart
 from itk_infer.backends import resolve_device
 from itk_infer.caseloop import NOT_RUN_DISK_FULL, CaseLoop, remove_temporaries
 from itk_infer.cases import Case, OutputLayout
@@ -268,26 +266,6 @@ def _largest_first(case: Case) -> tuple[int, str]:
     return (-size, case.name)
 
 
-def _quiet_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker without its leak warning.
-
-    numcodecs' Blosc makes a multiprocessing lock in each worker; a worker that is killed
-    cannot unregister it, so the tracker removes it at the end and warns about a "leaked
-    semaphore" that it has just cleaned up. The tracker takes its -W options from
-    ``sys.warnoptions`` when it starts, hence the short-lived entry.
-    """
-    from multiprocessing import resource_tracker
-
-    option = "ignore:resource_tracker:UserWarning"
-    sys.warnoptions.append(option)
-    try:
-        resource_tracker.ensure_running()
-    except Exception:  # only cosmetics are at stake
-        pass
-    finally:
-        sys.warnoptions.remove(option)
-
-
 class _Pool:
     def __init__(self, todo: list[Case], settings: Settings, layout: OutputLayout,
                  workers: int, device: torch.device, gpu_index: int | None = None) -> None:
@@ -298,8 +276,8 @@ class _Pool:
         self.gpus = (settings.gpus or torch.cuda.device_count()) if device.type == "cuda" else 1
         self.gpu_index = gpu_index  # every worker on this one (a GPU leased by the caller)
         self.threads = max(1, available_cores() // self.slots)
-        self.ctx = get_context("spawn")
         self.workers: dict[int, _Worker] = {}
+        self.started_any = False  # the first start may adopt the command's early worker
         self.result = ParallelResult()
         self.attempts: Counter[str] = Counter()
         self.startup_failures: Counter[int] = Counter()
@@ -315,29 +293,19 @@ class _Pool:
     # ---- lifecycle
 
     def start(self, slot: int) -> None:
-        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
-        handle, crash_log = tempfile.mkstemp(prefix="itk_infer-crash-", suffix=".txt")
-        os.close(handle)
-        process = self.ctx.Process(
-            target=worker_main,
-            args=(slot, child_conn, self.settings,
-                  slot % self.gpus if self.gpu_index is None else self.gpu_index, self.threads,
-                  logging.getLogger("itk_infer").getEffectiveLevel(), os.getpid(), crash_log),
-            name=f"itk_infer-worker-{slot}",
-            daemon=True,
-        )
-        # Start with SIGINT ignored: the child inherits that across exec, so a Ctrl-C while
-        # it imports cannot kill it halfway; the parent stops workers itself.
-        previous = None
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            process.start()
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        child_conn.close()  # so the parent sees EOF when the worker dies
-        self.workers[slot] = _Worker(slot, process, parent_conn, crash_log=crash_log)
+        gpu = slot % self.gpus if self.gpu_index is None else self.gpu_index
+        args = prestart.worker_args(self.settings, slot, gpu, self.threads)
+        # The command may have started this worker already, before its own imports.
+        early = prestart.take(args) if slot == 0 and not self.started_any else None
+        self.started_any = True
+        if early is not None:
+            log.debug("worker %d: the one started before the runner's imports", slot)
+            process, conn, crash_log = early.process, early.conn, early.crash_log
+        else:
+            crash_log = prestart.new_crash_log()
+            process, conn = prestart.start_process((*args, crash_log),
+                                                   f"itk_infer-worker-{slot}")
+        self.workers[slot] = _Worker(slot, process, conn, crash_log=crash_log)
         self.progress.idle(slot, "loading the model")
 
     def stop_all(self) -> None:
@@ -359,7 +327,6 @@ class _Pool:
 
     def run(self) -> ParallelResult:
         try:
-            _quiet_resource_tracker()
             for slot in range(self.slots):
                 self.start(slot)
             while self.workers:

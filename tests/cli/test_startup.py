@@ -93,3 +93,45 @@ def test_demo_outputs_unchanged_through_a_warm_start(tmp_path: Path) -> None:
     expected = MANIFEST["onnx"]
     got = digest_folder(out)
     assert [n for n in sorted(set(expected) | set(got)) if expected.get(n) != got.get(n)] == []
+
+
+def test_default_run_adopts_the_worker_started_before_its_imports(tmp_path: Path) -> None:
+    """A fresh default run (cases in a worker process) starts that worker before importing
+    the runner and hands it the cases: same outputs as the golden digests."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "itk_infer", "-i", str(DEMO / "images"), "-o", str(out),
+         *BACKEND_ARGS["onnx"], "--save-logits", "--save-conf", "--device", "cpu",
+         "--no-progress", "-vv"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "worker 0: the one started before the runner's imports" in result.stderr
+    expected = MANIFEST["onnx"]
+    got = digest_folder(out)
+    assert [n for n in sorted(set(expected) | set(got)) if expected.get(n) != got.get(n)] == []
+
+
+def test_an_early_worker_not_taken_as_started_is_stopped(tmp_path: Path) -> None:
+    from itk_infer import prestart
+    from itk_infer.config import Settings
+
+    settings = Settings(input_folder=tmp_path, output_folder=tmp_path / "out",
+                        onnx_path=DEMO / "model.onnx", device="cpu")
+    assert prestart.eligible(settings)
+    assert not prestart.eligible(settings.replace(in_process=True))
+    assert not prestart.eligible(settings.replace(num_proc=2))
+    assert not prestart.eligible(settings.replace(device="cuda"))
+
+    prestart.begin(settings)
+    early = prestart._early
+    assert early is not None and early.process.is_alive()
+    other = prestart.worker_args(settings, 0, 0, threads=early.args[3] + 1)
+    assert prestart.take(other) is None  # other arguments: stopped, not handed out
+    assert early.process.exitcode is not None and not Path(early.crash_log).exists()
+
+    prestart.begin(settings)
+    early = prestart._early
+    assert early is not None
+    prestart.close()  # the run ended without taking it
+    assert early.process.exitcode is not None and prestart._early is None
+    assert prestart.take(early.args) is None

@@ -1,0 +1,159 @@
+"""The run's worker process, started before this process imports torch.
+
+By default a run's cases go to one worker process (crash isolation, see
+:mod:`itk_infer.workers`), which imports torch and loads the model itself. Started by the
+pool, after the runner's own imports, the worker's imports only begin when this process's
+have ended (about 1.5 s of torch on one core). So the command starts it first
+(:func:`begin`, before it imports the runner), the two processes import at the same time,
+and the pool adopts it for its first slot (:func:`take`) when the run needs exactly that
+worker; :func:`close` stops it otherwise (nothing to run, other arguments).
+
+Only where the worker's arguments are known without torch: one worker on the CPU
+(``--device cpu``, or ``auto`` on a host without NVIDIA device files). This module imports
+neither torch nor the worker's module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from multiprocessing import get_context
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from itk_infer.config import Settings
+
+CONTEXT = get_context("spawn")  # a fresh interpreter: no state of this process inherited
+
+
+def run_worker(*args: Any) -> None:
+    """The worker process's target: imports the worker (torch and all) in the child only."""
+    from itk_infer.workers import worker_main
+
+    worker_main(*args)
+
+
+def quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker without its leak warning.
+
+    numcodecs' Blosc makes a multiprocessing lock in each worker; a worker that is killed
+    cannot unregister it, so the tracker removes it at the end and warns about a "leaked
+    semaphore" that it has just cleaned up. The tracker takes its -W options from
+    ``sys.warnoptions`` when it starts, hence the short-lived entry.
+    """
+    from multiprocessing import resource_tracker
+
+    option = "ignore:resource_tracker:UserWarning"
+    sys.warnoptions.append(option)
+    try:
+        resource_tracker.ensure_running()
+    except Exception:  # only cosmetics are at stake
+        pass
+    finally:
+        sys.warnoptions.remove(option)
+
+
+def start_process(args: tuple, name: str) -> tuple[BaseProcess, Connection]:
+    """Spawn a worker running ``worker_main(slot, conn, *args)``; ``args[0]`` is the slot.
+    Returns the process and the parent's end of its pipe."""
+    quiet_resource_tracker()
+    parent_conn, child_conn = CONTEXT.Pipe(duplex=True)
+    process = CONTEXT.Process(target=run_worker, args=(args[0], child_conn, *args[1:]),
+                              name=name, daemon=True)
+    # Start with SIGINT ignored: the child inherits that across exec, so a Ctrl-C while it
+    # imports cannot kill it halfway; the parent stops workers itself.
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    child_conn.close()  # so the parent sees EOF when the worker dies
+    return process, parent_conn
+
+
+def new_crash_log() -> str:
+    """A file for a worker's faulthandler dump (read and removed by the parent)."""
+    handle, path = tempfile.mkstemp(prefix="itk_infer-crash-", suffix=".txt")
+    os.close(handle)
+    return path
+
+
+@dataclass
+class Early:
+    """A worker started by :func:`begin`, waiting to be adopted."""
+
+    args: tuple  # (slot, settings, gpu_index, threads, log_level, parent_pid): what it runs
+    process: BaseProcess
+    conn: Connection
+    crash_log: str
+
+
+_early: Early | None = None
+
+
+def eligible(settings: Settings) -> bool:
+    """Whether the run's worker arguments are known now (see the module docstring)."""
+    on_cpu = settings.device == "cpu" or (
+        settings.device == "auto" and not Path("/dev/nvidiactl").exists())
+    worker_mode = not settings.in_process or settings.case_timeout is not None
+    return (worker_mode and on_cpu and settings.num_proc == 1
+            and settings.input_folder is not None and settings.output_folder is not None)
+
+
+def worker_args(settings: Settings, slot: int, gpu_index: int, threads: int) -> tuple:
+    """The arguments a worker is started with, as :func:`take` compares them."""
+    level = logging.getLogger("itk_infer").getEffectiveLevel()
+    return (slot, settings, gpu_index, threads, level, os.getpid())
+
+
+def begin(settings: Settings) -> None:
+    """Start the run's worker now if :func:`eligible` (a no-op otherwise)."""
+    global _early
+    if _early is not None or not eligible(settings):
+        return
+    from itk_infer.progress import available_cores  # not on the --help path (numpy)
+
+    args = worker_args(settings, 0, 0, available_cores())
+    crash_log = new_crash_log()
+    process, conn = start_process((*args, crash_log), "itk_infer-worker-0")
+    _early = Early(args, process, conn, crash_log)
+
+
+def take(args: tuple) -> Early | None:
+    """The early worker if it was started with ``args`` (then it is the caller's); else
+    ``None`` (and an early worker started otherwise is stopped)."""
+    global _early
+    early, _early = _early, None
+    if early is not None and early.args != args:
+        _stop(early)
+        return None
+    return early
+
+
+def close() -> None:
+    """Stop the early worker if nobody took it."""
+    global _early
+    early, _early = _early, None
+    if early is not None:
+        _stop(early)
+
+
+def _stop(early: Early) -> None:
+    early.process.terminate()
+    early.process.join(5.0)
+    if early.process.is_alive():
+        early.process.kill()
+        early.process.join()
+    early.conn.close()
+    with contextlib.suppress(OSError):
+        os.unlink(early.crash_log)
