@@ -16,21 +16,15 @@ neither torch nor the worker's module.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import signal
-import sys
-import tempfile
 from dataclasses import dataclass
-from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from itk_infer.config import Settings
-
-CONTEXT = get_context("spawn")  # a fresh interpreter: no state of this process inherited
+from itk_infer.spawn import new_crash_log, start_process, worker_args
 
 
 def run_worker(*args: Any) -> None:
@@ -38,54 +32,6 @@ def run_worker(*args: Any) -> None:
     from itk_infer.workers import worker_main
 
     worker_main(*args)
-
-
-def quiet_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker without its leak warning.
-
-    numcodecs' Blosc makes a multiprocessing lock in each worker; a worker that is killed
-    cannot unregister it, so the tracker removes it at the end and warns about a "leaked
-    semaphore" that it has just cleaned up. The tracker takes its -W options from
-    ``sys.warnoptions`` when it starts, hence the short-lived entry.
-    """
-    from multiprocessing import resource_tracker
-
-    option = "ignore:resource_tracker:UserWarning"
-    sys.warnoptions.append(option)
-    try:
-        resource_tracker.ensure_running()
-    except Exception:  # only cosmetics are at stake
-        pass
-    finally:
-        sys.warnoptions.remove(option)
-
-
-def start_process(args: tuple, name: str) -> tuple[BaseProcess, Connection]:
-    """Spawn a worker running ``worker_main(slot, conn, *args)``; ``args[0]`` is the slot.
-    Returns the process and the parent's end of its pipe."""
-    quiet_resource_tracker()
-    parent_conn, child_conn = CONTEXT.Pipe(duplex=True)
-    process = CONTEXT.Process(target=run_worker, args=(args[0], child_conn, *args[1:]),
-                              name=name, daemon=True)
-    # Start with SIGINT ignored: the child inherits that across exec, so a Ctrl-C while it
-    # imports cannot kill it halfway; the parent stops workers itself.
-    previous = None
-    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        process.start()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    child_conn.close()  # so the parent sees EOF when the worker dies
-    return process, parent_conn
-
-
-def new_crash_log() -> str:
-    """A file for a worker's faulthandler dump (read and removed by the parent)."""
-    handle, path = tempfile.mkstemp(prefix="itk_infer-crash-", suffix=".txt")
-    os.close(handle)
-    return path
 
 
 @dataclass
@@ -110,12 +56,6 @@ def eligible(settings: Settings) -> bool:
             and settings.input_folder is not None and settings.output_folder is not None)
 
 
-def worker_args(settings: Settings, slot: int, gpu_index: int, threads: int) -> tuple:
-    """The arguments a worker is started with, as :func:`take` compares them."""
-    level = logging.getLogger("itk_infer").getEffectiveLevel()
-    return (slot, settings, gpu_index, threads, level, os.getpid())
-
-
 def begin(settings: Settings) -> None:
     """Start the run's worker now if :func:`eligible` (a no-op otherwise)."""
     global _early
@@ -125,7 +65,7 @@ def begin(settings: Settings) -> None:
 
     args = worker_args(settings, 0, 0, available_cores())
     crash_log = new_crash_log()
-    process, conn = start_process((*args, crash_log), "itk_infer-worker-0")
+    process, conn = start_process(run_worker, (*args, crash_log), "itk_infer-worker-0")
     _early = Early(args, process, conn, crash_log)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from itk_infer import prestart
 from itk_infer.backends import resolve_device
 from itk_infer.caseloop import SKIP_STALE, prepare_output, run_cases
 from itk_infer.cases import Case, OutputLayout, discover_cases
@@ -68,7 +69,8 @@ def _run(todo: list[Case], complete: list[Case], layout: OutputLayout, settings:
     # unless asked otherwise.
     in_process = settings.in_process and workers == 1 and settings.case_timeout is None
     if todo and not in_process:
-        result = run_parallel(todo, settings, layout, workers, device)
+        result = run_parallel(todo, settings, layout, workers, device,
+                              adopt=prestart.take)
         return result.outcomes + _classify_skipped(layout, complete, result.fingerprint,
                                                    result.described, settings)
     # One process, or nothing to run (the model still tells done from stale).

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from itk_infer import errors, prestart
+from itk_infer import errors
 from itk_infer.backends import resolve_device
 from itk_infer.caseloop import NOT_RUN_DISK_FULL, CaseLoop, remove_temporaries
 from itk_infer.cases import Case, OutputLayout
@@ -37,6 +38,7 @@ from itk_infer.locks import remove_stale_locks
 from itk_infer.pipeline import load_model
 from itk_infer.progress import Progress, available_cores
 from itk_infer.records import CaseOutcome
+from itk_infer.spawn import new_crash_log, start_process, worker_args
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +268,15 @@ def _largest_first(case: Case) -> tuple[int, str]:
     return (-size, case.name)
 
 
+# Hands over a worker already started with these arguments, if there is one (prestart.take).
+Adopt = Callable[[tuple], Any]
+
+
 class _Pool:
     def __init__(self, todo: list[Case], settings: Settings, layout: OutputLayout,
-                 workers: int, device: torch.device, gpu_index: int | None = None) -> None:
-        self.settings, self.layout = settings, layout
+                 workers: int, device: torch.device, gpu_index: int | None = None,
+                 adopt: Adopt | None = None) -> None:
+        self.settings, self.layout, self.adopt = settings, layout, adopt
         self.queue: deque[Case] = deque(sorted(todo, key=_largest_first))
         self.slots = min(workers, len(self.queue))
         # --gpus 0: every visible GPU.
@@ -294,17 +301,17 @@ class _Pool:
 
     def start(self, slot: int) -> None:
         gpu = slot % self.gpus if self.gpu_index is None else self.gpu_index
-        args = prestart.worker_args(self.settings, slot, gpu, self.threads)
+        args = worker_args(self.settings, slot, gpu, self.threads)
         # The command may have started this worker already, before its own imports.
-        early = prestart.take(args) if slot == 0 and not self.started_any else None
+        early = self.adopt(args) if self.adopt and slot == 0 and not self.started_any else None
         self.started_any = True
         if early is not None:
             log.debug("worker %d: the one started before the runner's imports", slot)
             process, conn, crash_log = early.process, early.conn, early.crash_log
         else:
-            crash_log = prestart.new_crash_log()
-            process, conn = prestart.start_process((*args, crash_log),
-                                                   f"itk_infer-worker-{slot}")
+            crash_log = new_crash_log()
+            process, conn = start_process(worker_main, (*args, crash_log),
+                                          f"itk_infer-worker-{slot}")
         self.workers[slot] = _Worker(slot, process, conn, crash_log=crash_log)
         self.progress.idle(slot, "loading the model")
 
@@ -526,15 +533,18 @@ def run_parallel(
     workers: int,
     device: torch.device,
     gpu_index: int | None = None,
+    adopt: Adopt | None = None,
 ) -> ParallelResult:
     """Run ``todo`` in ``min(workers, len(todo))`` spawned worker processes.
 
     Worker k runs on GPU ``k mod G`` of the first G visible CUDA devices (``--gpus``; 0: all
     of them), or on GPU ``gpu_index`` if given, or on the CPU with its share of the cores.
+    ``adopt(args)`` may hand over an already started worker 0 for those arguments (see
+    :func:`itk_infer.prestart.take`).
 
     Raises:
         UsageError: the workers cannot use the model (reported by the first to try).
         ItkInferError: no worker process could start.
         KeyboardInterrupt: workers are stopped and their temporaries removed first.
     """
-    return _Pool(todo, settings, layout, workers, device, gpu_index).run()
+    return _Pool(todo, settings, layout, workers, device, gpu_index, adopt).run()

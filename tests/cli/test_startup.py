@@ -114,6 +114,7 @@ def test_default_run_adopts_the_worker_started_before_its_imports(tmp_path: Path
 def test_an_early_worker_not_taken_as_started_is_stopped(tmp_path: Path) -> None:
     from itk_infer import prestart
     from itk_infer.config import Settings
+    from itk_infer.spawn import worker_args
 
     settings = Settings(input_folder=tmp_path, output_folder=tmp_path / "out",
                         onnx_path=DEMO / "model.onnx", device="cpu")
@@ -125,7 +126,7 @@ def test_an_early_worker_not_taken_as_started_is_stopped(tmp_path: Path) -> None
     prestart.begin(settings)
     early = prestart._early
     assert early is not None and early.process.is_alive()
-    other = prestart.worker_args(settings, 0, 0, threads=early.args[3] + 1)
+    other = worker_args(settings, 0, 0, threads=early.args[3] + 1)
     assert prestart.take(other) is None  # other arguments: stopped, not handed out
     assert early.process.exitcode is not None and not Path(early.crash_log).exists()
 
