@@ -265,6 +265,12 @@ class Settings:
     def outputs(self) -> OutputOptions:
         return OutputOptions(save_logits=self.save_logits, save_conf=self.save_conf)
 
+    @property
+    def cases_in_process(self) -> bool:
+        """``--in-process`` applies: not with ``--case-timeout`` (only a worker process can be
+        stopped); the runner also needs a single worker for it."""
+        return self.in_process and self.case_timeout is None
+
 
 def spec_of(name: str) -> Spec:
     """The :class:`Spec` of setting ``name``."""

@@ -439,7 +439,7 @@ def write_case(inferred: InferredCase, model: Model, layout: OutputLayout) -> Ca
         elif case.files:  # a DICOM series: a DICOM-SEG on the series' own grid
             sizes["labels"] = write_seg(
                 inferred.labels.labels, loaded.geometry, case.files, layout.labels(case),
-                names=segment_names(getattr(model.backend.defaults, "labels", None),
+                names=segment_names(model.backend.defaults.labels,
                                     inferred.stats.num_classes),
                 fingerprint=model.fingerprint, label=case.name)
         else:
@@ -521,9 +521,9 @@ def _write_input_space(inferred: InferredCase, model: Model, layout: OutputLayou
     sizes["labels"] = write_label_map(labels, loaded.source_geometry, layout.labels(case), None)
     if not save:
         return
+    # _logits_attributes already names the grid ("input") and the obliquity.
     attributes = {**_logits_attributes(loaded, model), **loaded.source_geometry.as_dict(),
-                  "orientation": loaded.source_orientation, "grid": "input",
-                  "obliquity_deg": round(loaded.obliquity_deg, 6)}
+                  "orientation": loaded.source_orientation}
     sink = LogitsSink(layout.logits(case), attributes)
     sink.begin(logits.shape[0], loaded.source_shape)
     try:

@@ -51,8 +51,7 @@ def eligible(settings: Settings) -> bool:
     """Whether the run's worker arguments are known now (see the module docstring)."""
     on_cpu = settings.device == "cpu" or (
         settings.device == "auto" and not Path("/dev/nvidiactl").exists())
-    worker_mode = not settings.in_process or settings.case_timeout is not None
-    return (worker_mode and on_cpu and settings.num_proc == 1
+    return (not settings.cases_in_process and on_cpu and settings.num_proc == 1
             and settings.input_folder is not None and settings.output_folder is not None)
 
 

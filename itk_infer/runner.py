@@ -67,7 +67,7 @@ def _run(todo: list[Case], complete: list[Case], layout: OutputLayout, settings:
     # A case can only be stopped from outside its process (time limits), and a crash in a
     # native library (SimpleITK, onnxruntime) only survived there: cases run in a worker
     # unless asked otherwise.
-    in_process = settings.in_process and workers == 1 and settings.case_timeout is None
+    in_process = settings.cases_in_process and workers == 1
     if todo and not in_process:
         result = run_parallel(todo, settings, layout, workers, device,
                               adopt=prestart.take)

@@ -201,6 +201,11 @@ class ConfidenceSink(Sink):
         self.label_total = torch.zeros(0, dtype=torch.float64)
         self.label_count = torch.zeros(0, dtype=torch.int64)
 
+    def begin(self, num_classes: int, shape_zyx: Triple) -> None:
+        values = max(num_classes, 2)  # a one-channel model labels 0 and 1
+        self.label_total = torch.zeros(values, dtype=torch.float64)
+        self.label_count = torch.zeros(values, dtype=torch.int64)
+
     def consume(self, slab: Slab) -> None:
         for k in range(slab.logits.shape[1]):  # one slice at a time keeps temporaries small
             conf = confidence_map(slab.logits[:, k], self._scratch)
@@ -209,12 +214,10 @@ class ConfidenceSink(Sink):
             self._add_by_label(conf, slab.labels[k])
 
     def _add_by_label(self, conf: torch.Tensor, labels: torch.Tensor) -> None:
-        values = labels.reshape(-1).to(torch.int64)
-        sums = torch.bincount(values, weights=conf.reshape(-1).to(torch.float64)).cpu()
-        counts = torch.bincount(values).cpu()
-        size = max(len(sums), len(self.label_total))
-        self.label_total = _grow(self.label_total, size) + _grow(sums, size)
-        self.label_count = _grow(self.label_count, size) + _grow(counts, size)
+        values, size = labels.reshape(-1).to(torch.int64), len(self.label_total)
+        self.label_total += torch.bincount(
+            values, weights=conf.reshape(-1).to(torch.float64), minlength=size).cpu()
+        self.label_count += torch.bincount(values, minlength=size).cpu()
 
     def confidence_by_value(self) -> dict[int, float]:
         """Mean confidence over the voxels of each label value that has voxels."""
@@ -225,11 +228,6 @@ class ConfidenceSink(Sink):
     def confidence(self) -> float:
         """Mean confidence over all voxels: 1.0 certain, 0.0 uniform."""
         return self.total / self.count if self.count else float("nan")
-
-
-def _grow(counts: torch.Tensor, size: int) -> torch.Tensor:
-    """``counts`` zero-padded to ``size`` entries."""
-    return torch.nn.functional.pad(counts, (0, size - len(counts)))
 
 
 def logits_to_float16(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

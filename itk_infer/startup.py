@@ -55,11 +55,6 @@ def note_first_forward(where: str) -> None:
     log.debug("first model forward (%s) %.2f s after the process started", where, _first_forward)
 
 
-def first_forward_seconds() -> float | None:
-    """When this process's first model forward started (seconds after the process did)."""
-    return _first_forward
-
-
 def model_key(backend: str, path: str | os.PathLike[str]) -> str:
     """The key of a model prepared for ``backend`` from the file ``path``."""
     return f"{backend}:{os.path.realpath(path)}"

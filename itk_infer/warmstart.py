@@ -137,8 +137,7 @@ def eligible(settings: Settings) -> bool:
         and settings.output_folder is not None
         and settings.device in ("cpu", "auto")
         and settings.num_proc == 1
-        and settings.in_process  # else the cases run in a worker process, not here
-        and settings.case_timeout is None
+        and settings.cases_in_process  # else the cases run in a worker process, not here
         and not settings.tta
         and not settings.spacing
     )

@@ -21,7 +21,7 @@ from itk_infer.backends.base import (
     require_file,
 )
 from itk_infer.errors import ModelError
-from itk_infer.startup import claim, model_key, note_first_forward
+from itk_infer.startup import claim_result, file_key, model_key, note_first_forward
 
 if TYPE_CHECKING:
     import torch
@@ -142,11 +142,6 @@ class Prefetched(Protocol):
         """Stop and drop whatever is stored."""
 
 
-def _file_key(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
-
-
 class PreparedSession:
     """The model opened for the CPU exactly as :class:`OnnxBackend` opens it there (default
     threads), without torch: a warm start prepares one and the backend adopts it instead of
@@ -156,7 +151,7 @@ class PreparedSession:
         import onnxruntime as ort
 
         self.path = require_file(path, "ONNX model (--onnx)")
-        self.key = _file_key(self.path)
+        self.key = file_key("onnx", self.path)  # the file as it was opened
         source = self.path.name
         self.session = _open_session(ort, self.path.read_bytes(), _session_options(ort, None),
                                      _providers(None), source)
@@ -174,17 +169,11 @@ def _adopt(path: Path, device: torch.device, fp16: bool,
            intra_op_threads: int | None) -> PreparedSession | None:
     """The session prepared for ``path`` if it was opened as this backend would open it and
     the file is unchanged since; waits for one still being opened."""
-    pending = claim(model_key("onnx", path))
-    if pending is None:
-        return None
-    try:
-        prepared = pending.result()
-    except Exception:  # its own error: the backend opens the file and reports it
-        return None
+    prepared = claim_result(model_key("onnx", path))
     if prepared is None:
         return None
     if device.type != "cpu" or fp16 or intra_op_threads is not None or (
-            prepared.key != _file_key(path)):
+            prepared.key != file_key("onnx", path)):
         if prepared.prefetched is not None:
             prepared.prefetched.close()
         return None

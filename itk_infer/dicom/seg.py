@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from itk_infer import __version__
 from itk_infer.atomic import atomic_output
+from itk_infer.backends.base import display_names
 from itk_infer.dicom.series import series_grid
 from itk_infer.imageio import Geometry
 
@@ -30,9 +31,8 @@ SERIES_NUMBER = 9900  # high, so viewers list the SEG after the series it segmen
 def segment_names(labels: Mapping[str, int] | None, num_classes: int) -> dict[int, str]:
     """Segment number → name for labels 1..C-1 (label 1 for a one-channel model): the model's
     names (a mapping name → value, as ``ModelDefaults.labels``), else ``label_<v>``."""
-    by_value = {int(v): str(k) for k, v in (labels or {}).items()}
-    top = max(num_classes - 1, 1)
-    return {v: (by_value.get(v) or f"label_{v}")[:SEGMENT_LABEL_MAX] for v in range(1, top + 1)}
+    names = display_names(labels, range(1, max(num_classes - 1, 1) + 1))
+    return {v: (name or f"label_{v}")[:SEGMENT_LABEL_MAX] for v, name in names.items()}
 
 
 def on_source_grid(labels: np.ndarray, geometry: Geometry, files: tuple[Path, ...],
