@@ -3,8 +3,9 @@
 
 1. Stages: one synthetic slab of the size the engine hands to sinks (``EMIT_BYTES`` of
    float32 logits: C = 32, 2 x 512 x 512) through each step, before (the sinks as they were
-   up to issue 16, kept below as ``Before*``) and after; torch on ``CPU_BLEND_THREADS``, as
-   inside the engine; stages interleaved, best of ``--repeats``.
+   up to issue 16, kept below as ``Before*``), as of 2026-12-03 (chunks written through
+   zarr, ``ZarrWriteLogitsSink``) and now; torch on ``CPU_BLEND_THREADS``, as inside the
+   engine; stages interleaved, best of ``--repeats``.
 2. Engine: ``itk_infer.engine.slide`` over a 96 x 512 x 512 phantom (the issue's patch
    64 x 128 x 128, stride 32 x 64 x 64, batch 1) with a 1x1x1 conv in torch as the model, so
    that the sinks dominate; ``--model-ms N`` adds a stand-in model (float32 matmuls on
@@ -12,6 +13,7 @@
 3. CLI, the issue's setup: ``itk_infer`` in a subprocess per run on bench_memory's smooth CT
    (``--cli-z`` x 512 x 512) with a random 32-class 1x1x1 conv ONNX model (ONNX Runtime),
    wall time, CPU time and peak RSS; ``--writer-buffers N`` adds a run with N chunk buffers.
+   The cases run in the command's process (``--in-process``), where the sinks are swapped.
 
 Variants run interleaved (A B C, C B A, ...); each figure is the best of ``--e2e-repeats``,
 and ratios compare figures of the same run. Run from the repository root:
@@ -117,22 +119,26 @@ class BeforeLogitsSink(sinks.LogitsSink):
         return size
 
 
-class BeforeConfidenceSink(Sink):
-    """The confidence sink up to issue 16: on the engine's thread, fresh (C, Y, X)
-    temporaries for every slice."""
+class ZarrWriteLogitsSink(sinks.LogitsSink):
+    """The logits sink of 2026-12-03: as now, but each chunk written through zarr's
+    ``array[...] = data`` instead of its own Blosc encode and file write."""
 
-    def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
+    def _write_chunk(self, index: int, data: np.ndarray) -> None:
+        start = index * self.chunk_z
+        end = min(start + self.chunk_z, self._array.shape[1])
+        self._array[:, start:end] = data[:, : end - start]
+
+
+class BeforeConfidenceSink(sinks.ConfidenceSink):
+    """The confidence sink up to issue 16: fresh (C, Y, X) temporaries for every slice (the
+    per-label sums, added since, as now)."""
 
     def consume(self, slab: Slab) -> None:
         for k in range(slab.logits.shape[1]):
             conf = sinks.confidence_map(slab.logits[:, k])  # no scratch: allocates as before
             self.total += float(conf.sum(dtype=torch.float64))
             self.count += conf.numel()
-
-    @property
-    def confidence(self) -> float:
-        return self.total / self.count if self.count else float("nan")
+            self._add_by_label(conf, slab.labels[k])
 
 
 def fused_confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -229,6 +235,26 @@ def zarr_chunk_writer(folder: Path, chunk: np.ndarray, own_empty_test: bool
     return write
 
 
+def own_chunk_writer(folder: Path, chunk: np.ndarray) -> Callable[[], None]:
+    """Writes ``chunk`` as the sink now does: its own zero test, the array's Blosc settings
+    (``sinks._chunk_encoder``), one file write."""
+    import zarr
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    array = zarr.create_array(
+        store=str(folder / "stage-own.zarr"), shape=chunk.shape, chunks=chunk.shape,
+        dtype="float16", fill_value=0.0, zarr_format=3, overwrite=True,
+        compressors=BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle))
+    encode = sinks._chunk_encoder(array)
+    target = folder / "stage-own.zarr" / array.metadata.encode_chunk_key((0, 0, 0, 0))
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        if chunk.view(np.uint16).any():
+            target.write_bytes(encode(chunk))
+    return write
+
+
 def stage_functions(slab: torch.Tensor, folder: Path) -> tuple[dict[str, Callable], dict]:
     """The stages of one slab (C, dz, Y, X), by table row, and facts for the table."""
     import numcodecs
@@ -243,6 +269,7 @@ def stage_functions(slab: torch.Tensor, folder: Path) -> tuple[dict[str, Callabl
     scratch = sinks.EntropyScratch()
     before_write = zarr_chunk_writer(folder, chunk, own_empty_test=False)
     after_write = zarr_chunk_writer(folder, chunk, own_empty_test=True)
+    own_write = own_chunk_writer(folder, chunk)
 
     def per_slab(fn: Callable[[], Any]) -> Callable[[], None]:
         def run() -> None:
@@ -263,7 +290,8 @@ def stage_functions(slab: torch.Tensor, folder: Path) -> tuple[dict[str, Callabl
         "float16 after, writer thread: clamp, tie check, mend": repair,
         "Blosc LZ4 compress (1 thread)": per_slab(lambda: blosc.encode(chunk)),
         "chunk write before: zarr incl. its fill-value test": per_slab(before_write),
-        "chunk write after: own zero test + zarr": per_slab(after_write),
+        "chunk write 12-03: own zero test + zarr": per_slab(after_write),
+        "chunk write now: own zero test, Blosc encode, file write": per_slab(own_write),
         "confidence before: fresh temporaries": lambda: [
             sinks.confidence_map(slab[:, k]) for k in range(dz)],
         "confidence after: reused buffers (same bits)": lambda: [
@@ -303,7 +331,10 @@ def sink_runs(slab: torch.Tensor, labels: torch.Tensor, folder: Path, slabs: int
     return {
         "LogitsSink before": run("LogitsSink before", lambda: BeforeLogitsSink(
             folder / "before.zarr", {})),
-        "LogitsSink after": run("LogitsSink after", lambda: sinks.LogitsSink(
+        "LogitsSink 12-03 (chunks through zarr)": run(
+            "LogitsSink 12-03 (chunks through zarr)",
+            lambda: ZarrWriteLogitsSink(folder / "zarrwrite.zarr", {})),
+        "LogitsSink now": run("LogitsSink now", lambda: sinks.LogitsSink(
             folder / "after.zarr", {})),
         "ConfidenceSink before": run("ConfidenceSink before", BeforeConfidenceSink),
         "ConfidenceSink after": run("ConfidenceSink after", sinks.ConfidenceSink),
@@ -384,7 +415,8 @@ def run_variant(variant: str, volume: np.ndarray, predict: TimedCall,
     kinds: dict[str, tuple[type[Sink], ...]] = {
         "labels only": (),
         "labels + logits + conf, before": (BeforeLogitsSink, BeforeConfidenceSink),
-        "labels + logits + conf, after": (sinks.LogitsSink, sinks.ConfidenceSink),
+        "labels + logits + conf, 12-03": (ZarrWriteLogitsSink, sinks.ConfidenceSink),
+        "labels + logits + conf, now": (sinks.LogitsSink, sinks.ConfidenceSink),
     }
     chosen: list[Sink] = [sinks.LabelSink()]
     for kind in kinds[variant]:
@@ -409,7 +441,8 @@ def bench_end_to_end(classes: int, shape: Triple, patch: Triple, stride: Triple,
     """Best wall (and CPU) time of each variant and predictor; ratios to labels only."""
     volume = phantom_volume(shape)
     sliding = SlidingWindowSettings(patch, stride, 1)
-    variants = ["labels only", "labels + logits + conf, before", "labels + logits + conf, after"]
+    variants = ["labels only", "labels + logits + conf, before",
+                "labels + logits + conf, 12-03", "labels + logits + conf, now"]
     predictors = {"1x1x1 conv": TimedCall(classes)}
     if model_ms > 0:
         burn = calibrate_burn(model_ms)
@@ -460,16 +493,19 @@ def cli_inputs(folder: Path, z: int) -> tuple[Path, Path]:
 
 
 def cli_child(sink_set: str, cli_args: list[str]) -> int:
-    """Run ``itk_infer`` in this process with the sinks of ``sink_set``: "before", "after"
-    or "after:N" (N chunk buffers for the logits writer)."""
+    """Run ``itk_infer`` in this process with the sinks of ``sink_set``: "before", "12-03",
+    "now" or "now:N" (N chunk buffers for the logits writer). The command gets
+    ``--in-process``: the swapped classes live in this process, a worker would not see them."""
     from itk_infer import cli, pipeline
 
     if sink_set == "before":
         pipeline.LogitsSink = BeforeLogitsSink  # type: ignore[misc]
         pipeline.ConfidenceSink = BeforeConfidenceSink  # type: ignore[misc]
-    elif sink_set.startswith("after:"):
+    elif sink_set == "12-03":
+        pipeline.LogitsSink = ZarrWriteLogitsSink  # type: ignore[misc]
+    elif sink_set.startswith("now:"):
         sinks.WRITER_BUFFERS = int(sink_set.split(":")[1])
-    return cli.main(cli_args)
+    return cli.main([*cli_args, "--in-process"])
 
 
 def run_cli_variant(variant: str, inputs: Path, model: Path, out: Path) -> dict[str, float]:
@@ -478,9 +514,9 @@ def run_cli_variant(variant: str, inputs: Path, model: Path, out: Path) -> dict[
     import subprocess
 
     extra = [] if variant == "labels only" else ["--save-logits", "--save-conf"]
-    sink_set = "before" if variant.endswith("before") else "after"
+    sink_set = variant.rsplit(", ", 1)[-1] if variant != "labels only" else "now"
     if variant.endswith("chunk buffers"):
-        sink_set = f"after:{variant.split()[-3]}"
+        sink_set = f"now:{variant.split()[-3]}"
     command = [sys.executable, __file__, "--cli-child", sink_set, "--", "-i", str(inputs),
                "-o", str(out), "--onnx", str(model), "--device", "cpu", "--no-progress",
                *extra]
@@ -502,9 +538,10 @@ def bench_cli(z: int, repeats: int, folder: Path, writer_buffers: int | None
               ) -> list[dict[str, Any]]:
     """The whole CLI, each variant in its own process, interleaved; best wall of each."""
     inputs, model = cli_inputs(folder, z)
-    variants = ["labels only", "labels + logits + conf, before", "labels + logits + conf, after"]
+    variants = ["labels only", "labels + logits + conf, before",
+                "labels + logits + conf, 12-03", "labels + logits + conf, now"]
     if writer_buffers:
-        variants.append(f"labels + logits + conf, after, {writer_buffers} chunk buffers")
+        variants.append(f"labels + logits + conf, now, {writer_buffers} chunk buffers")
     best: dict[str, dict[str, float]] = {}
     for rep in range(repeats):
         for variant in variants if rep % 2 == 0 else variants[::-1]:

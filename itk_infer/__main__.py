@@ -2,6 +2,6 @@
 
 import sys
 
-from itk_infer.cli import main
+from itk_infer.cli import console
 
-sys.exit(main())
+sys.exit(console())

@@ -134,3 +134,13 @@ class OutputLayout:
     @property
     def confidences(self) -> Path:
         return self.folder / CONFIDENCES_FILENAME
+
+
+def largest_first(case: Case) -> tuple[int, str]:
+    """Sort key of the worker pool's queue: the largest input file first (the longest case
+    starts early, so no worker is left with it at the end), then by name."""
+    try:
+        size = case.path.stat().st_size
+    except OSError:
+        size = 0
+    return (-size, case.name)

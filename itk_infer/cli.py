@@ -107,5 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return summary.exit_code
 
 
+def console() -> int:
+    """The console script and ``python -m itk_infer``: :func:`main`, then an exit that skips
+    the interpreter's last walk over every object (see ``spawn.skip_final_collection``)."""
+    code = main()
+    from itk_infer.spawn import skip_final_collection
+
+    skip_final_collection()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

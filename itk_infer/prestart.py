@@ -28,10 +28,20 @@ from itk_infer.spawn import new_crash_log, start_process, worker_args
 
 
 def run_worker(*args: Any) -> None:
-    """The worker process's target: imports the worker (torch and all) in the child only."""
-    from itk_infer.workers import worker_main
+    """The worker process's target: imports the worker (torch and all) in the child only,
+    after starting a warm start there (:mod:`itk_infer.warmstart`), whose first forwards run
+    while torch imports."""
+    from itk_infer.warmstart import begin_in_worker
 
-    worker_main(*args)
+    _slot, _conn, settings, _gpu, threads, *_rest = args
+    warm = begin_in_worker(settings, threads)
+    try:
+        from itk_infer.workers import worker_main
+
+        worker_main(*args)
+    finally:
+        if warm is not None:
+            warm.close()
 
 
 @dataclass

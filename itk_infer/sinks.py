@@ -308,6 +308,29 @@ def _argmax_changed(half: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | 
     return bad
 
 
+def _chunk_encoder(array: Any) -> Callable[[np.ndarray], bytes]:
+    """The bytes zarr would store for one full chunk of ``array``: raw little-endian values,
+    Blosc-compressed with the array's own settings (the codecs ``LogitsSink`` creates)."""
+    import numcodecs
+    from zarr.codecs import BloscCodec, BytesCodec
+
+    codecs = array.metadata.codecs
+    if (len(codecs) != 2 or not isinstance(codecs[0], BytesCodec)
+            or not isinstance(codecs[1], BloscCodec)):
+        raise RuntimeError(f"unexpected zarr codecs for the logits: {codecs}")
+    blosc = codecs[1]
+    shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+               "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[blosc.shuffle.value]
+    codec = numcodecs.Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=shuffle,
+                            blocksize=blosc.blocksize)
+
+    def encode(data: np.ndarray) -> bytes:
+        # Blosc's type size comes from the buffer: float16 gives the array's 2.
+        return bytes(codec.encode(np.ascontiguousarray(data, dtype="<f2")))
+
+    return encode
+
+
 @dataclass
 class _Chunk:
     """Host memory for one zarr chunk: float16 logits (C, cz, Y, X) and labels (cz, Y, X);
@@ -359,6 +382,7 @@ class LogitsSink(Sink):
             # run-time setting is not stored in zarr.json.
             config={"write_empty_chunks": True},
         )
+        self._encode = _chunk_encoder(self._array)
         label_type = torch.uint8 if num_classes <= 256 else torch.int32
         self._writer = _Background(self._store_chunk, lambda: _Chunk(
             torch.empty((num_classes, self.chunk_z, y, x), dtype=torch.float16),
@@ -402,10 +426,21 @@ class LogitsSink(Sink):
         """Mend, compress and write one chunk (on the writer thread)."""
         n = chunk.z_end - chunk.z_start
         repair_float16(chunk.half[:, :n], chunk.labels[:n])
-        data = chunk.half.numpy()[:, :n]
+        data = chunk.half.numpy()
         # All +0.0 is the fill value: zarr keeps no such chunk (it compares bit patterns too).
-        if data.view(np.uint16).any():
-            self._array[:, chunk.z_start : chunk.z_end] = data
+        if not data[:, :n].view(np.uint16).any():
+            return
+        if n < self.chunk_z:  # zarr stores a short chunk at full size, filled with +0.0
+            data[:, n:] = 0
+        self._write_chunk(chunk.z_start // self.chunk_z, data)
+
+    def _write_chunk(self, index: int, data: np.ndarray) -> None:
+        """Write chunk ``index`` (along Z) of the array: the file zarr would write (same codec,
+        same key; tested byte for byte), without zarr's copies, a third of the writer's time."""
+        key = self._array.metadata.encode_chunk_key((0, index, 0, 0))
+        target = self.tmp / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(self._encode(data))
 
     def finish(self) -> int:
         """Publish the array under its final name (after the writer, if a short volume left it

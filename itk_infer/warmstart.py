@@ -21,9 +21,12 @@ output is what the same session gives for the same input, so the results do not 
 more is run ahead once the engine has asked for its first batch.
 
 Only where it can pay: backend ``onnx`` on the CPU (``--device cpu``, or ``auto`` with an
-onnxruntime that has no CUDA provider), the cases in this process (``--in-process``, one
-process), no case time limit, no TTA, no model spacing, and torch not yet imported (a
-process that has it, such as a test or a Dagster run, gains nothing).
+onnxruntime that has no CUDA provider), one process running the cases, no TTA, no model
+spacing, and torch not yet imported (a process that has it, such as a test or a Dagster run,
+gains nothing). That process is the command itself with ``--in-process``, or else the one
+worker the command starts early (:mod:`itk_infer.prestart`), where the thread runs while the
+worker imports torch: there the session gets the worker's thread count and the first case
+is the one the pool hands out first (the largest input).
 """
 
 from __future__ import annotations
@@ -127,8 +130,9 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
 
 
-def eligible(settings: Settings) -> bool:
-    """Whether a warm start can pay for ``settings`` (the module's last paragraph)."""
+def eligible(settings: Settings, in_worker: bool = False) -> bool:
+    """Whether a warm start can pay for ``settings`` (the module's last paragraph), in the
+    command's process or (``in_worker``) in the run's one worker process."""
     return (
         "torch" not in sys.modules
         and settings.backend == "onnx"
@@ -137,17 +141,24 @@ def eligible(settings: Settings) -> bool:
         and settings.output_folder is not None
         and settings.device in ("cpu", "auto")
         and settings.num_proc == 1
-        and settings.cases_in_process  # else the cases run in a worker process, not here
+        # The cases run in this process: the command's, or the worker's.
+        and (settings.cases_in_process or in_worker)
         and not settings.tta
         and not settings.spacing
     )
 
 
 class WarmStart:
-    """The start-up thread (see the module docstring); :meth:`close` when the run ends."""
+    """The start-up thread (see the module docstring); :meth:`close` when the run ends.
 
-    def __init__(self, settings: Settings) -> None:
+    ``intra_op_threads``: the session's thread count, as the backend will ask for it;
+    ``largest_first``: the run takes its cases in the worker pool's order."""
+
+    def __init__(self, settings: Settings, intra_op_threads: int | None = None,
+                 largest_first: bool = False) -> None:
         self.settings = settings
+        self.intra_op_threads = intra_op_threads
+        self.largest_first = largest_first
         self.ahead = RunAhead()
         self.prepared: Future[PreparedSession | None] = Future()
         self.offered = [model_key("onnx", settings.onnx_path)]  # type: ignore[arg-type]
@@ -185,7 +196,8 @@ class WarmStart:
         if self.settings.device == "auto" and (
                 "CUDAExecutionProvider" in ort.get_available_providers()):
             return None  # the model may well run on a GPU
-        prepared = PreparedSession(Path(self.settings.onnx_path))  # type: ignore[arg-type]
+        prepared = PreparedSession(Path(self.settings.onnx_path),  # type: ignore[arg-type]
+                                   self.intra_op_threads)
         prepared.prefetched = self.ahead
         return prepared
 
@@ -194,7 +206,7 @@ class WarmStart:
         if plan is None:
             return
         window, sliding, pad_batches = plan
-        case = first_case(self.settings)
+        case = first_case(self.settings, self.largest_first)
         if case is None or case.files:  # nothing to run, or a DICOM series
             return
         voxels = windowed(self._read(case), window)
@@ -233,8 +245,16 @@ class WarmStart:
 
 
 def begin(settings: Settings) -> WarmStart | None:
-    """Start a warm start for ``settings`` if it can pay (see the module docstring)."""
+    """Start a warm start for ``settings`` in the command's process if it can pay (see the
+    module docstring)."""
     return WarmStart(settings) if eligible(settings) else None
+
+
+def begin_in_worker(settings: Settings, intra_op_threads: int | None) -> WarmStart | None:
+    """Start a warm start in the run's one worker process, before it imports torch."""
+    if not eligible(settings, in_worker=True):
+        return None
+    return WarmStart(settings, intra_op_threads, largest_first=True)
 
 
 def resolve(settings: Settings, prepared: PreparedSession
@@ -259,16 +279,17 @@ def resolve(settings: Settings, prepared: PreparedSession
     return WindowSettings(float(level), float(width)), sliding, pad_batches
 
 
-def first_case(settings: Settings) -> Case | None:
+def first_case(settings: Settings, by_size: bool = False) -> Case | None:
     """The case the run takes first: the first one found without a record (any, with
-    ``--overwrite``)."""
-    from itk_infer.cases import OutputLayout, discover_cases
+    ``--overwrite``); with ``by_size``, the largest of those (the worker pool's order)."""
+    from itk_infer.cases import OutputLayout, discover_cases, largest_first
 
     layout = OutputLayout(Path(settings.output_folder))  # type: ignore[arg-type]
-    for case in discover_cases(Path(settings.input_folder)):  # type: ignore[arg-type]
-        if settings.overwrite or not layout.record(case).exists():
-            return case
-    return None
+    todo = (case for case in discover_cases(Path(settings.input_folder))  # type: ignore[arg-type]
+            if settings.overwrite or not layout.record(case).exists())
+    if by_size:
+        return min(todo, key=largest_first, default=None)
+    return next(todo, None)
 
 
 def windowed(volume: Volume, window: WindowSettings) -> np.ndarray | None:

@@ -31,14 +31,14 @@ import torch
 from itk_infer import errors
 from itk_infer.backends import resolve_device
 from itk_infer.caseloop import NOT_RUN_DISK_FULL, CaseLoop, remove_temporaries
-from itk_infer.cases import Case, OutputLayout
+from itk_infer.cases import Case, OutputLayout, largest_first
 from itk_infer.config import Settings
 from itk_infer.errors import DiskFullError, ItkInferError
 from itk_infer.locks import remove_stale_locks
 from itk_infer.pipeline import load_model
 from itk_infer.progress import Progress, available_cores
 from itk_infer.records import CaseOutcome
-from itk_infer.spawn import new_crash_log, start_process, worker_args
+from itk_infer.spawn import new_crash_log, skip_final_collection, start_process, worker_args
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def worker_main(
             overwrite=settings.overwrite,
             phase=lambda case, phase: channel.send(("phase", case.name, phase)),
         ).run()
+        skip_final_collection()  # this process ends now: spare the parent its join
         channel.send(("bye",))
     except DiskFullError as error:
         channel.send(("diskfull", str(error)))
@@ -260,14 +261,6 @@ def _error_from_worker(kind: str, text: str) -> ItkInferError:
     return ItkInferError(f"a worker could not load the model: {text}")
 
 
-def _largest_first(case: Case) -> tuple[int, str]:
-    try:
-        size = case.path.stat().st_size
-    except OSError:
-        size = 0
-    return (-size, case.name)
-
-
 # Hands over a worker already started with these arguments, if there is one (prestart.take).
 Adopt = Callable[[tuple], Any]
 
@@ -277,7 +270,7 @@ class _Pool:
                  workers: int, device: torch.device, gpu_index: int | None = None,
                  adopt: Adopt | None = None) -> None:
         self.settings, self.layout, self.adopt = settings, layout, adopt
-        self.queue: deque[Case] = deque(sorted(todo, key=_largest_first))
+        self.queue: deque[Case] = deque(sorted(todo, key=largest_first))
         self.slots = min(workers, len(self.queue))
         # --gpus 0: every visible GPU.
         self.gpus = (settings.gpus or torch.cuda.device_count()) if device.type == "cuda" else 1

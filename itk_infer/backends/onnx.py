@@ -143,17 +143,20 @@ class Prefetched(Protocol):
 
 
 class PreparedSession:
-    """The model opened for the CPU exactly as :class:`OnnxBackend` opens it there (default
-    threads), without torch: a warm start prepares one and the backend adopts it instead of
-    opening the file a second time. ``prefetched``: outputs of the first batches, if any."""
+    """The model opened for the CPU exactly as :class:`OnnxBackend` opens it there with
+    ``intra_op_threads``, without torch: a warm start prepares one and the backend adopts it
+    instead of opening the file a second time. ``prefetched``: outputs of the first batches,
+    if any."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, intra_op_threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self.path = require_file(path, "ONNX model (--onnx)")
         self.key = file_key("onnx", self.path)  # the file as it was opened
+        self.intra_op_threads = intra_op_threads
         source = self.path.name
-        self.session = _open_session(ort, self.path.read_bytes(), _session_options(ort, None),
+        self.session = _open_session(ort, self.path.read_bytes(),
+                                     _session_options(ort, intra_op_threads),
                                      _providers(None), source)
         inp, out = _check_signature(self.session, source)
         self.input_name, self.output_name = inp.name, out.name
@@ -172,7 +175,7 @@ def _adopt(path: Path, device: torch.device, fp16: bool,
     prepared = claim_result(model_key("onnx", path))
     if prepared is None:
         return None
-    if device.type != "cpu" or fp16 or intra_op_threads is not None or (
+    if device.type != "cpu" or fp16 or intra_op_threads != prepared.intra_op_threads or (
             prepared.key != file_key("onnx", path)):
         if prepared.prefetched is not None:
             prepared.prefetched.close()

@@ -247,7 +247,7 @@ def test_console_script_alias_and_module_entry_point():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["itk_infer"] == scripts["itk-infer-batch"] == "itk_infer.cli:main"
+    assert scripts["itk_infer"] == scripts["itk-infer-batch"] == "itk_infer.cli:console"
     from itk_infer import __version__
 
     shown = subprocess.run([sys.executable, "-m", "itk_infer", "--version"],

@@ -15,7 +15,7 @@ import torch
 from itk_infer.config import SlidingWindowSettings
 from itk_infer.engine import _volume_tensor, _WindowBatcher, _WindowGrid
 from itk_infer.warmstart import RunAhead, batches, same_bits
-from tests.golden.digest import BACKEND_ARGS, DEMO, digest_folder
+from tests.golden.digest import BACKEND_ARGS, DEMO, differences, digest_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = json.loads((ROOT / "tests" / "golden" / "demo_outputs.json").read_text())
@@ -90,14 +90,13 @@ def test_demo_outputs_unchanged_through_a_warm_start(tmp_path: Path) -> None:
     used = re.search(r"warm start: (\d+) of (\d+) batch\(es\) run ahead used", result.stderr)
     assert used is not None and int(used[1]) == int(used[2]) > 0, result.stderr
     assert "first model forward (onnx, warm start)" in result.stderr
-    expected = MANIFEST["onnx"]
-    got = digest_folder(out)
-    assert [n for n in sorted(set(expected) | set(got)) if expected.get(n) != got.get(n)] == []
+    assert differences(MANIFEST["onnx"], digest_folder(out)) == []
 
 
 def test_default_run_adopts_the_worker_started_before_its_imports(tmp_path: Path) -> None:
     """A fresh default run (cases in a worker process) starts that worker before importing
-    the runner and hands it the cases: same outputs as the golden digests."""
+    the runner and hands it the cases; the worker runs the largest case's first batches while
+    it imports torch: same outputs as the golden digests."""
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "itk_infer", "-i", str(DEMO / "images"), "-o", str(out),
@@ -106,9 +105,10 @@ def test_default_run_adopts_the_worker_started_before_its_imports(tmp_path: Path
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "worker 0: the one started before the runner's imports" in result.stderr
-    expected = MANIFEST["onnx"]
-    got = digest_folder(out)
-    assert [n for n in sorted(set(expected) | set(got)) if expected.get(n) != got.get(n)] == []
+    # The worker ran its first case's first batches while importing torch, and used them.
+    used = re.search(r"warm start: (\d+) of (\d+) batch\(es\) run ahead used", result.stderr)
+    assert used is not None and int(used[1]) == int(used[2]) > 0, result.stderr
+    assert differences(MANIFEST["onnx"], digest_folder(out)) == []
 
 
 def test_an_early_worker_not_taken_as_started_is_stopped(tmp_path: Path) -> None:
@@ -136,3 +136,26 @@ def test_an_early_worker_not_taken_as_started_is_stopped(tmp_path: Path) -> None
     prestart.close()  # the run ended without taking it
     assert early.process.exitcode is not None and prestart._early is None
     assert prestart.take(early.args) is None
+
+
+def test_first_case_is_the_one_each_kind_of_run_takes_first(tmp_path: Path) -> None:
+    """In-process runs take cases in discovery order, the worker pool the largest input
+    first; cases with a record are skipped unless ``--overwrite``."""
+    from itk_infer.cases import OutputLayout, discover_cases, largest_first
+    from itk_infer.config import Settings
+    from itk_infer.warmstart import first_case
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name, size in (("a", 10), ("b", 30), ("c", 20)):
+        (inputs / f"{name}.mha").write_bytes(b"x" * size)
+    settings = Settings(input_folder=inputs, output_folder=out, onnx_path=DEMO / "model.onnx")
+    cases = discover_cases(inputs)
+    assert first_case(settings).name == cases[0].name == "a"
+    assert first_case(settings, by_size=True).name == sorted(cases, key=largest_first)[0].name
+    assert first_case(settings, by_size=True).name == "b"
+    record = OutputLayout(out).record(cases[1])
+    record.parent.mkdir(parents=True)
+    record.write_text("{}")
+    assert first_case(settings, by_size=True).name == "c"
+    assert first_case(settings.replace(overwrite=True), by_size=True).name == "b"

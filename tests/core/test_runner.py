@@ -19,11 +19,11 @@ import torch
 import zarr
 
 from itk_infer import caseloop, runner
-from itk_infer.cases import Case, OutputLayout, discover_cases
+from itk_infer.cases import Case, OutputLayout, discover_cases, largest_first
 from itk_infer.config import Settings
 from itk_infer.locks import lock_path, remove_stale_locks, try_lock
 from itk_infer.records import read_record
-from itk_infer.workers import _largest_first, describe_exit
+from itk_infer.workers import describe_exit
 from tests.conftest import write_volume
 from tests.models import pointwise_logits
 
@@ -242,7 +242,7 @@ def test_largest_file_first(tmp_path):
     for name, size in (("a.mha", 10), ("b.mha", 300), ("c.mha", 30), ("d.mha", 300)):
         (tmp_path / name).write_bytes(b"x" * size)
     cases = discover_cases(tmp_path)
-    assert [c.name for c in sorted(cases, key=_largest_first)] == ["b", "d", "c", "a"]
+    assert [c.name for c in sorted(cases, key=largest_first)] == ["b", "d", "c", "a"]
 
 
 def test_two_workers_write_the_same_bytes_as_one_process(tmp_path, pointwise_model):

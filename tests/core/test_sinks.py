@@ -126,6 +126,25 @@ def test_logits_zarr_bytes_equal_zarr_writing_the_reference(tmp_path, monkeypatc
         np.testing.assert_array_equal(np.argmax(stored, axis=0), labels)
 
 
+def test_large_chunks_are_the_bytes_zarr_writes(tmp_path, monkeypatch):
+    """Chunks of several MiB, which Blosc splits into many blocks, smooth like real logits
+    (they compress), one short last chunk: the sink's own chunk files are zarr's bytes."""
+    z, y, x = 5, 256, 384
+    grid = np.linspace(0.0, 6.0, y * x).reshape(y, x)
+    logits = np.stack([np.sin(grid + c) * 8.0 + np.cos(grid * 0.5 + 0.1 * k)
+                       for c in range(4) for k in range(z)]).reshape(4, z, y, x)
+    logits = logits.astype(np.float32)
+    labels = labels_from_logits(torch.from_numpy(logits)).numpy()
+    monkeypatch.setattr(sinks, "LOGITS_CHUNK_BYTES", 2 * 4 * y * x * 2)
+    sink = LogitsSink(tmp_path / "sink.zarr", {})
+    stream(sink, logits, [3, 5])
+    sink.finish()
+    plain_zarr(tmp_path / "plain.zarr", float16_reference(logits, labels), 2, {})
+    written = folder_bytes(tmp_path / "sink.zarr")
+    assert len(written) == 4 and written == folder_bytes(tmp_path / "plain.zarr")
+    assert all(len(b) < 2 * 4 * y * x * 2 for k, b in written.items() if k.startswith("c/"))
+
+
 def test_logits_to_float16_equals_reference_on_random_slabs():
     rng = np.random.default_rng(3)
     for classes in (1, 2, 5, 32):
@@ -169,16 +188,15 @@ def test_logits_sink_refuses_a_gap_between_slabs(tmp_path):
 # the writer thread
 
 
-class FailingArray:
-    """Stands in for the zarr array: every chunk write fails like a full disk."""
+class FailingWrite:
+    """Stands in for the sink's chunk write: every write fails like a full disk."""
 
-    def __init__(self, array, delay: float = 0.0) -> None:
-        self.shape = array.shape
+    def __init__(self, delay: float = 0.0) -> None:
         self.calls = 0
         self.delay = delay
         self.failed = threading.Event()
 
-    def __setitem__(self, key, value) -> None:
+    def __call__(self, index, data) -> None:
         self.calls += 1
         time.sleep(self.delay)
         self.failed.set()
@@ -187,11 +205,9 @@ class FailingArray:
 
 def test_writer_error_surfaces_from_consume_and_abort_removes_the_temporary(tmp_path):
     logits = np.random.default_rng(1).normal(size=(3, 8, 4, 4)).astype(np.float32)
-    sink = LogitsSink(tmp_path / "a.zarr", {})
-    sink.begin(3, (8, 4, 4))
-    failing = sink._array = FailingArray(sink._array)
-    first = torch.from_numpy(logits[:, :1])  # chunk_z is 8 here: the whole volume
-    sink.chunk_z = 1  # one slice per chunk, so that the first slab is a whole chunk
+    sink = one_slice_per_chunk(tmp_path, 3, (8, 4, 4))  # the first slab is a whole chunk
+    failing = sink._write_chunk = FailingWrite()
+    first = torch.from_numpy(logits[:, :1])
     sink.consume(Slab(z_start=0, logits=first, labels=labels_from_logits(first)))
     assert failing.failed.wait(10)
     deadline = time.monotonic() + 10
@@ -213,7 +229,7 @@ def test_writer_error_of_the_last_chunk_surfaces_inside_the_engine_run(tmp_path)
     logits = np.random.default_rng(2).normal(size=(3, 5, 4, 4)).astype(np.float32)
     sink = LogitsSink(tmp_path / "a.zarr", {})
     sink.begin(3, (5, 4, 4))
-    sink._array = FailingArray(sink._array, delay=0.2)  # still writing when consume returns
+    sink._write_chunk = FailingWrite(delay=0.2)  # still writing when consume returns
     part = torch.from_numpy(logits)
     with pytest.raises(OSError, match="No space"):
         sink.consume(Slab(z_start=0, logits=part, labels=labels_from_logits(part)))
@@ -225,7 +241,7 @@ def test_writer_error_surfaces_from_finish(tmp_path):
     logits = np.random.default_rng(2).normal(size=(3, 5, 4, 4)).astype(np.float32)
     sink = LogitsSink(tmp_path / "a.zarr", {})
     sink.begin(3, (5, 4, 4))
-    sink._array = FailingArray(sink._array, delay=0.2)
+    sink._write_chunk = FailingWrite(delay=0.2)
     part = torch.from_numpy(logits[:, :3])  # finish writes the short rest itself
     sink.consume(Slab(z_start=0, logits=part, labels=labels_from_logits(part)))
     with pytest.raises(OSError, match="No space"):
@@ -235,26 +251,39 @@ def test_writer_error_surfaces_from_finish(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-class GatedArray:
-    """Writes through to the zarr array once ``gate`` is open: a disk slower than the engine."""
+class GatedWrite:
+    """Writes through to the sink's own chunk write once ``gate`` is open: a disk slower than
+    the engine."""
 
-    def __init__(self, array) -> None:
-        self.array, self.shape = array, array.shape
+    def __init__(self, write) -> None:
+        self.write = write
         self.gate = threading.Event()
         self.writes = 0
 
-    def __setitem__(self, key, value) -> None:
+    def __call__(self, index, data) -> None:
         assert self.gate.wait(30)
-        self.array[key] = value
+        self.write(index, data)
         self.writes += 1
 
 
-def one_slice_chunks(tmp_path: Path, depth: int) -> tuple[LogitsSink, GatedArray, np.ndarray]:
+def one_slice_per_chunk(tmp_path: Path, classes: int, shape: tuple[int, int, int]
+                        ) -> LogitsSink:
+    """A begun sink whose chunks hold one slice each."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sinks, "LOGITS_CHUNK_BYTES", classes * shape[1] * shape[2] * 2)
+    try:
+        sink = LogitsSink(tmp_path / "a.zarr", {})
+        sink.begin(classes, shape)
+    finally:
+        mp.undo()
+    assert sink.chunk_z == 1
+    return sink
+
+
+def one_slice_chunks(tmp_path: Path, depth: int) -> tuple[LogitsSink, GatedWrite, np.ndarray]:
     logits = np.random.default_rng(5).normal(size=(2, depth, 4, 4)).astype(np.float32)
-    sink = LogitsSink(tmp_path / "a.zarr", {})
-    sink.begin(2, (depth, 4, 4))
-    sink.chunk_z = 1  # one slice per chunk: every slab hands a chunk to the writer
-    gated = sink._array = GatedArray(sink._array)
+    sink = one_slice_per_chunk(tmp_path, 2, (depth, 4, 4))  # every slab hands a chunk over
+    gated = sink._write_chunk = GatedWrite(sink._write_chunk)
     return sink, gated, logits
 
 

@@ -142,7 +142,7 @@ def test_console_scripts_do_not_clash() -> None:
     assert "itk-infer-batch" not in itkit_scripts
     ours = {entry.name: entry.value for entry in importlib.metadata.distribution("itk_infer")
             .entry_points if entry.group == "console_scripts"}
-    assert ours["itk-infer-batch"] == ours["itk_infer"] == "itk_infer.cli:main"
+    assert ours["itk-infer-batch"] == ours["itk_infer"] == "itk_infer.cli:console"
 
     from itk_infer import __version__
 
