@@ -3,7 +3,7 @@
 Every output is first written under a name starting with ``TMP_PREFIX`` in its final folder
 (same file system, so the rename is atomic) and renamed when complete. The name ends with the
 final name, so the case a temporary belongs to can be told from it: leftovers are removed
-only under that case's lock (:func:`itk_infer.caseloop.remove_temporaries`), never by guessing
+only under that case's lock (:func:`itk_infer.outfolder.remove_temporaries`), never by guessing
 from PIDs, which mean nothing across containers or hosts sharing a folder.
 """
 

@@ -36,9 +36,9 @@ from itk_infer.integrity import check_input
 from itk_infer.records import (
     CaseOutcome,
     CaseRecord,
+    complete_record,
     label_summary,
-    outputs_intact,
-    read_record,
+    record_status,
     write_record,
 )
 from itk_infer.resample import BackToInputGrid, grid_spacing, needs_resampling, to_model_grid
@@ -150,47 +150,10 @@ def load_model(
     return Model(backend, resolve_inference_settings(settings, backend))
 
 
-def complete_record(layout: OutputLayout, case: Case, outputs: OutputOptions) -> CaseRecord | None:
-    """The case's record when every output the run asks for exists intact under it, whatever
-    model made it; else ``None``."""
-    record = read_record(layout.record(case))
-    if record is None or not outputs_intact(layout, record) or not same_input(case, record):
-        return None
-    if outputs.save_logits and "logits" not in record.outputs:
-        return None
-    if outputs.save_conf and record.confidence is None:
-        return None
-    return record
-
-
-def same_input(case: Case, record: CaseRecord) -> bool:
-    """The input file is still the one the outputs were made from (same size and mtime: a
-    replaced or rewritten image is redone)."""
-    try:
-        size, mtime = input_stamp(case)
-    except OSError:
-        return False
-    if size == record.input_size and mtime == record.input_mtime:
-        return True
-    log.info("%s: the input changed since its outputs were made; it is redone", case.filename)
-    return False
-
-
 def case_status(layout: OutputLayout, case: Case, model: Model, outputs: OutputOptions) -> str:
     """``"todo"``, ``"done"`` or ``"stale"`` (complete, but made by another model/settings)."""
     return record_status(complete_record(layout, case, outputs), model.fingerprint,
                          model.describe())
-
-
-def record_status(record: CaseRecord | None, fingerprint: str, described: dict[str, Any]) -> str:
-    """:func:`case_status` for a record already read (the parent of worker processes knows the
-    model only by its fingerprint and description)."""
-    if record is None:
-        return "todo"
-    recorded = {k: v for k, v in record.settings.items() if k != "device"}  # not in the numbers
-    if record.model_fingerprint != fingerprint or recorded != described:
-        return "stale"
-    return "done"
 
 
 @dataclass

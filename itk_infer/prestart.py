@@ -9,7 +9,7 @@ and the pool adopts it for its first slot (:func:`take`) when the run needs exac
 worker; :func:`close` stops it otherwise (nothing to run, other arguments).
 
 Only where the worker's arguments are known without torch: one worker on the CPU
-(``--device cpu``, or ``auto`` on a host without NVIDIA device files). This module imports
+(``--device cpu``, or ``auto`` on a host without GPU device files). This module imports
 neither torch nor the worker's module.
 """
 
@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any
 
+from itk_infer.backends import cpu_for_certain
 from itk_infer.config import Settings
 from itk_infer.spawn import new_crash_log, start_process, worker_args
 
@@ -59,9 +59,8 @@ _early: Early | None = None
 
 def eligible(settings: Settings) -> bool:
     """Whether the run's worker arguments are known now (see the module docstring)."""
-    on_cpu = settings.device == "cpu" or (
-        settings.device == "auto" and not Path("/dev/nvidiactl").exists())
-    return (not settings.cases_in_process and on_cpu and settings.num_proc == 1
+    return (not settings.cases_in_process and cpu_for_certain(settings.device)
+            and settings.num_proc == 1
             and settings.input_folder is not None and settings.output_folder is not None)
 
 

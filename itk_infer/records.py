@@ -1,5 +1,5 @@
-"""Per-case JSON records (written last: they mark a case complete), run summaries and the
-confidences table."""
+"""Per-case JSON records (written last: they mark a case complete), what they say about a case
+(done, stale, to do), run summaries and the confidences table."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import logging
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from itk_infer.atomic import atomic_output
-from itk_infer.cases import Case, OutputLayout
+from itk_infer.cases import Case, OutputLayout, input_stamp
 from itk_infer.locks import try_lock
+
+if TYPE_CHECKING:
+    from itk_infer.config import OutputOptions
 
 log = logging.getLogger(__name__)
 RECORD_VERSION = 1
@@ -205,6 +208,50 @@ def _cell_text(name: str) -> str:
     """A case name as spreadsheet text: bytes of a name that is not valid UTF-8 are shown as
     backslash escapes (XML cannot hold them)."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def complete_record(layout: OutputLayout, case: Case, outputs: OutputOptions) -> CaseRecord | None:
+    """The case's record when every output the run asks for exists intact under it, whatever
+    model made it; else ``None``."""
+    record = read_record(layout.record(case))
+    if record is None or not outputs_intact(layout, record) or not same_input(case, record):
+        return None
+    if outputs.save_logits and "logits" not in record.outputs:
+        return None
+    if outputs.save_conf and record.confidence is None:
+        return None
+    return record
+
+
+def same_input(case: Case, record: CaseRecord) -> bool:
+    """The input file is still the one the outputs were made from (same size and mtime: a
+    replaced or rewritten image is redone)."""
+    try:
+        size, mtime = input_stamp(case)
+    except OSError:
+        return False
+    if size == record.input_size and mtime == record.input_mtime:
+        return True
+    log.info("%s: the input changed since its outputs were made; it is redone", case.filename)
+    return False
+
+
+def record_status(record: CaseRecord | None, fingerprint: str, described: dict[str, Any]) -> str:
+    """``"todo"`` (no complete record), ``"done"`` or ``"stale"`` (complete, but made by another
+    model or settings), from the model's fingerprint and description alone (all that the parent
+    of worker processes knows of it)."""
+    if record is None:
+        return "todo"
+    recorded = {k: v for k, v in record.settings.items() if k != "device"}  # not in the numbers
+    if record.model_fingerprint != fingerprint or recorded != described:
+        return "stale"
+    return "done"
+
+
+# Reasons given with "skipped" outcomes; a complete, up-to-date case is skipped with no reason.
+SKIP_IN_PROGRESS = "in progress in another run"
+SKIP_STALE = "complete, but made by another model or settings (--overwrite redoes it)"
+NOT_RUN_DISK_FULL = "the run stopped: no space left for the outputs"
 
 
 @dataclass

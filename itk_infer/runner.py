@@ -8,24 +8,42 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
 from itk_infer import prestart
-from itk_infer.backends import resolve_device
-from itk_infer.caseloop import SKIP_STALE, prepare_output, run_cases
+from itk_infer.backends import cpu_for_certain
 from itk_infer.cases import Case, OutputLayout, discover_cases
 from itk_infer.config import Settings
-from itk_infer.pipeline import complete_record, load_model, record_status
-from itk_infer.records import CaseOutcome, RunSummary, write_confidences, write_json_atomic
+from itk_infer.outfolder import prepare_output
+from itk_infer.records import (
+    SKIP_STALE,
+    CaseOutcome,
+    RunSummary,
+    complete_record,
+    record_status,
+    write_confidences,
+    write_json_atomic,
+)
 from itk_infer.workers import run_parallel
 
 log = logging.getLogger(__name__)
 
 
-def worker_count(settings: Settings, device: torch.device) -> int:
+def device_type(settings: Settings) -> str:
+    """``"cpu"`` or ``"cuda"``: what the run's processes resolve ``--device`` to. Known
+    without torch where the CPU is certain, so that a run whose cases go to a worker process
+    never loads torch here (about 1.2 s of a core, shared with the worker's own start)."""
+    if cpu_for_certain(settings.device):
+        return "cpu"
+    from itk_infer.backends import resolve_device
+
+    return resolve_device(settings.device).type
+
+
+def worker_count(settings: Settings, device_type: str) -> int:
     """``max(num_proc, GPUs)`` on CUDA (``--gpus 0``: every visible one); ``num_proc`` on the
     CPU, where ``--gpus`` means nothing."""
-    if device.type == "cuda":
+    if device_type == "cuda":
+        import torch
+
         visible = torch.cuda.device_count()
         if settings.gpus > visible:
             log.warning("--gpus %d but only %d CUDA device(s) visible: workers share them",
@@ -62,7 +80,7 @@ def _classify_skipped(layout: OutputLayout, cases: list[Case], fingerprint: str,
 
 
 def _run(todo: list[Case], complete: list[Case], layout: OutputLayout, settings: Settings,
-         device: torch.device) -> list[CaseOutcome]:
+         device: str) -> list[CaseOutcome]:
     workers = worker_count(settings, device)
     # A case can only be stopped from outside its process (time limits), and a crash in a
     # native library (SimpleITK, onnxruntime) only survived there: cases run in a worker
@@ -74,7 +92,11 @@ def _run(todo: list[Case], complete: list[Case], layout: OutputLayout, settings:
         return result.outcomes + _classify_skipped(layout, complete, result.fingerprint,
                                                    result.described, settings)
     # One process, or nothing to run (the model still tells done from stale).
-    model = load_model(settings, device)
+    from itk_infer.backends import resolve_device
+    from itk_infer.caseloop import run_cases
+    from itk_infer.pipeline import load_model
+
+    model = load_model(settings, resolve_device(settings.device))
     outcomes = _classify_skipped(layout, complete, model.fingerprint, model.describe(), settings)
     return outcomes + run_cases(todo, model, layout, settings.outputs,
                                 overwrite=settings.overwrite, progress=settings.progress)
@@ -101,7 +123,7 @@ def run_batch(settings: Settings) -> RunSummary:
         raise ValueError("run_batch needs input_folder and output_folder")
     cases = discover_cases(settings.input_folder)
     layout = prepare_output(settings.output_folder)
-    device = resolve_device(settings.device)
+    device = device_type(settings)
     todo = cases if settings.overwrite else [
         c for c in cases if complete_record(layout, c, settings.outputs) is None
     ]

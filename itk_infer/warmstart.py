@@ -163,6 +163,11 @@ class WarmStart:
         self.prepared: Future[PreparedSession | None] = Future()
         self.offered = [model_key("onnx", settings.onnx_path)]  # type: ignore[arg-type]
         offer(self.offered[0], self.prepared)
+        # numpy first, on this thread: both threads import it next (onnxruntime there; torch,
+        # SimpleITK here), and two threads importing numpy at once can meet in its internal
+        # circular import and get it half initialised (seen as an ImportError).
+        import numpy  # noqa: F401
+
         self.thread = threading.Thread(target=self._work, name="itk-warm-start", daemon=True)
         self.thread.start()
 

@@ -24,21 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from itk_infer import errors
-from itk_infer.backends import resolve_device
-from itk_infer.caseloop import NOT_RUN_DISK_FULL, CaseLoop, remove_temporaries
 from itk_infer.cases import Case, OutputLayout, largest_first
 from itk_infer.config import Settings
 from itk_infer.errors import DiskFullError, ItkInferError
 from itk_infer.locks import remove_stale_locks
-from itk_infer.pipeline import load_model
+from itk_infer.outfolder import remove_temporaries
 from itk_infer.progress import Progress, available_cores
-from itk_infer.records import CaseOutcome
+from itk_infer.records import NOT_RUN_DISK_FULL, CaseOutcome
 from itk_infer.spawn import new_crash_log, skip_final_collection, start_process, worker_args
+
+if TYPE_CHECKING:
+    from itk_infer.pipeline import Model
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +141,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _limit_threads(threads: int) -> None:
+    import torch
+
     torch.set_num_threads(threads)
     with contextlib.suppress(Exception):
         import SimpleITK as sitk
@@ -176,13 +177,7 @@ def worker_main(
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
 
     try:
-        if threads is not None:
-            _limit_threads(threads)
-        device = resolve_device(settings.device, gpu_index=gpu_index)
-        if device.type == "cuda":  # calls that take no device then act on this worker's GPU
-            torch.cuda.set_device(device)
-        model = load_model(settings, device,
-                           intra_op_threads=threads if device.type == "cpu" else None)
+        model = _load_worker_model(settings, gpu_index, threads)
         channel.send(("ready", model.fingerprint, model.describe(), str(model.backend.device)))
     except Exception as error:
         kind = type(error).__name__ if isinstance(error, ItkInferError) else ""
@@ -190,6 +185,29 @@ def worker_main(
         with contextlib.suppress(Exception):
             channel.send(("fatal", kind, text))
         return
+    _run_worker_cases(channel, settings, model)
+
+
+def _load_worker_model(settings: Settings, gpu_index: int, threads: int | None) -> Model:
+    """The worker's model on its device and share of the threads."""
+    # The worker's side (torch and the whole core) is imported here, in the worker only: the
+    # parent runs the pool without torch.
+    import torch
+
+    from itk_infer.backends import resolve_device
+    from itk_infer.pipeline import load_model
+
+    if threads is not None:
+        _limit_threads(threads)
+    device = resolve_device(settings.device, gpu_index=gpu_index)
+    if device.type == "cuda":  # calls that take no device then act on this worker's GPU
+        torch.cuda.set_device(device)
+    return load_model(settings, device, intra_op_threads=threads if device.type == "cpu" else None)
+
+
+def _run_worker_cases(channel: _Channel, settings: Settings, model: Model) -> None:
+    """Ask the parent for cases and run them until it has none; then say goodbye."""
+    from itk_infer.caseloop import CaseLoop
 
     def next_case() -> Case | None:
         reply = channel.request(("next",))
@@ -261,19 +279,25 @@ def _error_from_worker(kind: str, text: str) -> ItkInferError:
     return ItkInferError(f"a worker could not load the model: {text}")
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 # Hands over a worker already started with these arguments, if there is one (prestart.take).
 Adopt = Callable[[tuple], Any]
 
 
 class _Pool:
     def __init__(self, todo: list[Case], settings: Settings, layout: OutputLayout,
-                 workers: int, device: torch.device, gpu_index: int | None = None,
+                 workers: int, device_type: str, gpu_index: int | None = None,
                  adopt: Adopt | None = None) -> None:
         self.settings, self.layout, self.adopt = settings, layout, adopt
         self.queue: deque[Case] = deque(sorted(todo, key=largest_first))
         self.slots = min(workers, len(self.queue))
         # --gpus 0: every visible GPU.
-        self.gpus = (settings.gpus or torch.cuda.device_count()) if device.type == "cuda" else 1
+        self.gpus = (settings.gpus or _visible_gpus()) if device_type == "cuda" else 1
         self.gpu_index = gpu_index  # every worker on this one (a GPU leased by the caller)
         self.threads = max(1, available_cores() // self.slots)
         self.workers: dict[int, _Worker] = {}
@@ -286,7 +310,7 @@ class _Pool:
         self.stopped = ""  # why no more cases are handed out (the disk is full)
         self.seen_logs: set[tuple[int, str]] = set()
         self.progress = Progress(len(todo), self.slots, settings.progress)
-        where = f"{self.gpus} GPU(s)" if device.type == "cuda" else "the CPU"
+        where = f"{self.gpus} GPU(s)" if device_type == "cuda" else "the CPU"
         log.info("%d worker processes on %s, %d CPU thread(s) each, %d case(s) to run",
                  self.slots, where, self.threads, len(todo))
 
@@ -524,11 +548,13 @@ def run_parallel(
     settings: Settings,
     layout: OutputLayout,
     workers: int,
-    device: torch.device,
+    device_type: str,
     gpu_index: int | None = None,
     adopt: Adopt | None = None,
 ) -> ParallelResult:
-    """Run ``todo`` in ``min(workers, len(todo))`` spawned worker processes.
+    """Run ``todo`` in ``min(workers, len(todo))`` spawned worker processes, on ``"cpu"`` or
+    ``"cuda"`` (``device_type``; each worker resolves its own device). Imports no torch on
+    the CPU: the workers do.
 
     Worker k runs on GPU ``k mod G`` of the first G visible CUDA devices (``--gpus``; 0: all
     of them), or on GPU ``gpu_index`` if given, or on the CPU with its share of the cores.
@@ -540,4 +566,4 @@ def run_parallel(
         ItkInferError: no worker process could start.
         KeyboardInterrupt: workers are stopped and their temporaries removed first.
     """
-    return _Pool(todo, settings, layout, workers, device, gpu_index, adopt).run()
+    return _Pool(todo, settings, layout, workers, device_type, gpu_index, adopt).run()

@@ -42,10 +42,11 @@ from dagster import (
     multi_asset,
 )
 
-from itk_infer.caseloop import prepare_output, run_cases
+from itk_infer.caseloop import run_cases
 from itk_infer.cases import Case, OutputLayout, case_name
 from itk_infer.config import OutputOptions
 from itk_infer.errors import ItkInferError
+from itk_infer.outfolder import prepare_output
 from itk_infer.pipeline import CaseResult, Model
 from itk_infer.records import confidence_rows, write_confidences
 from itk_infer_assets.isolated import run_isolated

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from itk_infer.caseloop import prepare_output
 from itk_infer.cases import Case, OutputLayout
 from itk_infer.config import Settings
+from itk_infer.outfolder import prepare_output
 from itk_infer.pipeline import CaseResult
 from itk_infer.records import read_record
 from itk_infer.workers import run_parallel
@@ -45,7 +45,7 @@ def run_isolated(settings: Settings, device: Any, groups: dict[Path, list[tuple[
         key_of = {case.name: (key, case) for key, case in items}
         # A materialisation always redoes its cases (as the in-process loop does).
         run = settings.replace(output_folder=folder, overwrite=True)
-        result = run_parallel([case for _, case in items], run, layout, 1, device,
+        result = run_parallel([case for _, case in items], run, layout, 1, device.type,
                               gpu_index=device.index if device.type == "cuda" else None)
         for outcome in sorted(result.outcomes, key=lambda o: o.case):
             key, case = key_of[outcome.case]

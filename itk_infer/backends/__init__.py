@@ -12,7 +12,7 @@ from itk_infer.errors import UsageError
 if TYPE_CHECKING:  # imported where used: the ONNX backend opens its session before torch
     import torch
 
-__all__ = ["Backend", "ModelDefaults", "load_backend", "resolve_device"]
+__all__ = ["Backend", "ModelDefaults", "cpu_for_certain", "load_backend", "resolve_device"]
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +27,19 @@ def resolve_device(requested: str, gpu_index: int = 0) -> torch.device:
     if requested == "cuda":
         raise UsageError("--device cuda was requested but no CUDA device is visible")
     return torch.device("cpu")
+
+
+# Device files of a GPU that torch's "cuda" device can use: NVIDIA's driver, ROCm's (HIP).
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")
+
+
+def cpu_for_certain(requested: str) -> bool:
+    """Whether :func:`resolve_device` gives the CPU for ``requested``, known without
+    importing torch: ``cpu``, or ``auto`` on a host without GPU device files."""
+    import os
+
+    return requested == "cpu" or (
+        requested == "auto" and not any(os.path.exists(f) for f in GPU_DEVICE_FILES))
 
 
 def load_backend(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from itk_infer import caseloop
+from itk_infer import caseloop, outfolder
 from itk_infer.atomic import temporary_path
 from itk_infer.cases import Case, OutputLayout
 from itk_infer.cli import main
@@ -132,9 +132,9 @@ def test_leftover_temporaries_are_removed_only_under_their_case_lock(tmp_path):
     lock = try_lock(layout, Case("busy", tmp_path / "busy.nii.gz"))
     assert lock is not None  # as if another process (any PID, any host) were writing busy
     try:
-        assert caseloop.remove_temporaries(layout) == 1
+        assert outfolder.remove_temporaries(layout) == 1
         assert busy.exists() and record.exists() and not idle.exists()
     finally:
         lock.release()
-    assert caseloop.remove_temporaries(layout) == 2
+    assert outfolder.remove_temporaries(layout) == 2
     assert not busy.exists() and not record.exists()

@@ -36,6 +36,19 @@ def test_help_imports_no_torch_onnxruntime_or_pandas() -> None:
     assert not loaded & {"torch", "onnxruntime", "pandas", "SimpleITK", "zarr", "dagster"}
 
 
+def test_default_cpu_run_loads_torch_only_in_its_worker(tmp_path: Path) -> None:
+    """The command's process hands the cases to its worker without importing torch (the
+    worker imports it while running its first batches): the demo is done all the same."""
+    out = tmp_path / "out"
+    loaded = _loaded_after(
+        "from itk_infer.cli import main\n"
+        f"assert main(['-i', {str(DEMO / 'images')!r}, '-o', {str(out)!r}, "
+        f"'--onnx', {str(DEMO / 'model.onnx')!r}, '--device', 'cpu', '--no-progress']) == 0")
+    assert "itk_infer" in loaded and "torch" not in loaded
+    assert sorted(p.name for p in out.glob("case_0*")) == [
+        "case_01.mha", "case_02.nii.gz", "case_03.nii"]
+
+
 def test_warm_start_path_imports_no_torch() -> None:
     loaded = _loaded_after("import itk_infer.warmstart, itk_infer.backends.onnx, "
                            "itk_infer.imageio, itk_infer.integrity, itk_infer.grid, "

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 import zarr
 
-from itk_infer import caseloop, runner
+from itk_infer import caseloop, outfolder, records, runner
 from itk_infer.cases import Case, OutputLayout, discover_cases, largest_first
 from itk_infer.config import Settings
 from itk_infer.locks import lock_path, remove_stale_locks, try_lock
@@ -137,13 +137,13 @@ def test_in_process_batch_matches_reference_and_a_bad_case_does_not_stop_it(
 def test_case_locked_by_another_run_is_skipped_in_progress_then_done(tmp_path, pointwise_model):
     make_inputs(tmp_path / "in", 3)
     out = tmp_path / "out"
-    layout = caseloop.prepare_output(out)
+    layout = outfolder.prepare_output(out)
     busy = next(c for c in discover_cases(tmp_path / "in") if c.name == "case1")
     other_run = try_lock(layout, busy)
     assert other_run is not None
     summary = runner.run_batch(settings_for(tmp_path / "in", out, pointwise_model))
     status, reason = by_case(summary)["case1"]
-    assert status == "skipped" and reason.startswith(caseloop.SKIP_IN_PROGRESS)
+    assert status == "skipped" and reason.startswith(records.SKIP_IN_PROGRESS)
     assert str(os.getpid()) in reason  # names the holder
     assert summary.exit_code == 0 and summary.count("done") == 2
     assert not (out / busy.filename).exists()
@@ -198,7 +198,7 @@ def test_pipeline_reads_ahead_one_case_and_keeps_one_write_in_flight(
             events.append((name, case.name))
 
     caseloop.CaseLoop(lambda: next(pending, None), model,
-                      caseloop.prepare_output(tmp_path / "out"), settings.outputs,
+                      outfolder.prepare_output(tmp_path / "out"), settings.outputs,
                       lambda result: outcomes.append(result.outcome()), phase=phase).run()
     assert [o.status for o in outcomes] == ["done"] * 5
     names = [c.name for c in cases]
@@ -231,7 +231,7 @@ def test_worker_count_and_exit_descriptions(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(logging.getLogger("itk_infer"), "propagate", True)
     settings = settings_for(tmp_path, tmp_path, tmp_path / "m.onnx", num_proc=3, gpus=2)
     with caplog.at_level(logging.WARNING, logger="itk_infer"):
-        assert runner.worker_count(settings, torch.device("cpu")) == 3
+        assert runner.worker_count(settings, "cpu") == 3
     assert "--gpus 2 ignored" in caplog.text
     assert describe_exit(-9) == "worker exited with signal 9 (SIGKILL)"
     assert describe_exit(-11) == "worker exited with signal 11 (SIGSEGV)"
