@@ -143,8 +143,9 @@ class BeforeConfidenceSink(sinks.ConfidenceSink):
 
 def fused_confidence(logits: torch.Tensor) -> torch.Tensor:
     """Confidence as log S - sum(e * d) / S per voxel, d = x - max, e = exp(d), S = sum(e):
-    one exp per value and plane-sized temporaries. Not adopted: the last bits differ from
-    log_softmax's, so records' confidences (hashed by the golden test) would change."""
+    one exp per value and plane-sized temporaries. Not adopted: its last bits differ from
+    log_softmax's (within the 1e-6 the issue allows) for 5 % less time on one machine
+    (BENCHMARKS.md, 2026-12-07) and 40 % less on another (2026-12-03)."""
     bound = sinks.CONFIDENCE_LOGIT_BOUND
     top = logits[0].clamp(-bound, bound)
     for c in range(1, logits.shape[0]):
