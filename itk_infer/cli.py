@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from itk_infer import __version__, prestart
 from itk_infer.config import Settings, add_arguments, describe_settings, settings_from_args
 from itk_infer.errors import ItkInferError, UsageError
+from itk_infer.spawn import skip_final_collection
 
 log = logging.getLogger("itk_infer")
 
@@ -111,8 +112,6 @@ def console() -> int:
     """The console script and ``python -m itk_infer``: :func:`main`, then an exit that skips
     the interpreter's last walk over every object (see ``spawn.skip_final_collection``)."""
     code = main()
-    from itk_infer.spawn import skip_final_collection
-
     skip_final_collection()
     return code
 

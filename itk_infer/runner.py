@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from itk_infer import prestart
-from itk_infer.backends import cpu_for_certain
+from itk_infer.backends import cpu_for_certain, visible_gpus
 from itk_infer.cases import Case, OutputLayout, discover_cases
 from itk_infer.config import Settings
 from itk_infer.outfolder import prepare_output
@@ -42,9 +42,7 @@ def worker_count(settings: Settings, device_type: str) -> int:
     """``max(num_proc, GPUs)`` on CUDA (``--gpus 0``: every visible one); ``num_proc`` on the
     CPU, where ``--gpus`` means nothing."""
     if device_type == "cuda":
-        import torch
-
-        visible = torch.cuda.device_count()
+        visible = visible_gpus()
         if settings.gpus > visible:
             log.warning("--gpus %d but only %d CUDA device(s) visible: workers share them",
                         settings.gpus, visible)

@@ -27,6 +27,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
 from itk_infer import errors
+from itk_infer.backends import visible_gpus
 from itk_infer.cases import Case, OutputLayout, largest_first
 from itk_infer.config import Settings
 from itk_infer.errors import DiskFullError, ItkInferError
@@ -279,12 +280,6 @@ def _error_from_worker(kind: str, text: str) -> ItkInferError:
     return ItkInferError(f"a worker could not load the model: {text}")
 
 
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
 # Hands over a worker already started with these arguments, if there is one (prestart.take).
 Adopt = Callable[[tuple], Any]
 
@@ -297,7 +292,7 @@ class _Pool:
         self.queue: deque[Case] = deque(sorted(todo, key=largest_first))
         self.slots = min(workers, len(self.queue))
         # --gpus 0: every visible GPU.
-        self.gpus = (settings.gpus or _visible_gpus()) if device_type == "cuda" else 1
+        self.gpus = (settings.gpus or visible_gpus()) if device_type == "cuda" else 1
         self.gpu_index = gpu_index  # every worker on this one (a GPU leased by the caller)
         self.threads = max(1, available_cores() // self.slots)
         self.workers: dict[int, _Worker] = {}

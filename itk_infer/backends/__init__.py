@@ -12,7 +12,8 @@ from itk_infer.errors import UsageError
 if TYPE_CHECKING:  # imported where used: the ONNX backend opens its session before torch
     import torch
 
-__all__ = ["Backend", "ModelDefaults", "cpu_for_certain", "load_backend", "resolve_device"]
+__all__ = ["Backend", "ModelDefaults", "cpu_for_certain", "load_backend", "resolve_device",
+           "visible_gpus"]
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +28,13 @@ def resolve_device(requested: str, gpu_index: int = 0) -> torch.device:
     if requested == "cuda":
         raise UsageError("--device cuda was requested but no CUDA device is visible")
     return torch.device("cpu")
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process sees (imports torch)."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 # Device files of a GPU that torch's "cuda" device can use: NVIDIA's driver, ROCm's (HIP).
