@@ -4,7 +4,8 @@
 1. Stages: one synthetic slab of the size the engine hands to sinks (``EMIT_BYTES`` of
    float32 logits: C = 32, 2 x 512 x 512) through each step, before (the sinks as they were
    up to issue 16, kept below as ``Before*``), as of 2026-12-03 (chunks written through
-   zarr, ``ZarrWriteLogitsSink``) and now; torch on ``CPU_BLEND_THREADS``, as inside the
+   zarr, ``ZarrWriteLogitsSink``), as of 2026-12-07 (whole-slice confidence and a tie test
+   of one op per class, ``dec07_*``) and now; torch on ``CPU_BLEND_THREADS``, as inside the
    engine; stages interleaved, best of ``--repeats``.
 2. Engine: ``itk_infer.engine.slide`` over a 96 x 512 x 512 phantom (the issue's patch
    64 x 128 x 128, stride 32 x 64 x 64, batch 1) with a 1x1x1 conv in torch as the model, so
@@ -25,6 +26,7 @@ short volumes: a smoke test, not figures to report).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -32,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,16 +131,78 @@ class ZarrWriteLogitsSink(sinks.LogitsSink):
         self._array[:, start:end] = data[:, : end - start]
 
 
+def before_confidence_map(logits: torch.Tensor) -> torch.Tensor:
+    """``sinks.confidence_map`` up to issue 16 (C > 1): fresh (C, Y, X) temporaries."""
+    bound = sinks.CONFIDENCE_LOGIT_BOUND
+    log_p = torch.log_softmax(logits.float().clamp(-bound, bound), dim=0)
+    entropy = -(log_p.exp() * log_p).sum(dim=0)
+    return (1.0 - entropy / math.log(logits.shape[0])).clamp_(0.0, 1.0)
+
+
 class BeforeConfidenceSink(sinks.ConfidenceSink):
     """The confidence sink up to issue 16: fresh (C, Y, X) temporaries for every slice (the
     per-label sums, added since, as now)."""
 
     def consume(self, slab: Slab) -> None:
         for k in range(slab.logits.shape[1]):
-            conf = sinks.confidence_map(slab.logits[:, k])  # no scratch: allocates as before
+            conf = before_confidence_map(slab.logits[:, k])
             self.total += float(conf.sum(dtype=torch.float64))
             self.count += conf.numel()
             self._add_by_label(conf, slab.labels[k])
+
+
+def dec07_confidence_map(logits: torch.Tensor,
+                         scratch: sinks.EntropyScratch | None = None) -> torch.Tensor:
+    """``sinks.confidence_map`` of 2026-12-07 (C > 1): the same ops on whole (C, Y, X)
+    slices in two reused buffers, no blocks."""
+    scratch = scratch or sinks.EntropyScratch()
+    bound, shape = sinks.CONFIDENCE_LOGIT_BOUND, tuple(logits.shape)
+    clamped = scratch.buffer("whole clamped", shape, logits.device)
+    log_p = scratch.buffer("whole log_p", shape, logits.device)
+    torch.clamp(logits.float(), -bound, bound, out=clamped)
+    torch.log_softmax(clamped, 0, out=log_p)
+    p_log_p = torch.exp(log_p, out=clamped).mul_(log_p)
+    entropy = -p_log_p.sum(dim=0)
+    return (1.0 - entropy / math.log(logits.shape[0])).clamp_(0.0, 1.0)
+
+
+def dec07_repair_float16(half: torch.Tensor, labels: torch.Tensor) -> None:
+    """``sinks.repair_float16`` of 2026-12-07 (C > 1): a clamp pass, then a running maximum
+    and a count of bit-equal classes, one op per class each; the mending as now."""
+    half.clamp_(-sinks.FLOAT16_MAX, sinks.FLOAT16_CLAMP)
+    top = half[0].clone()
+    for c in range(1, half.shape[0]):
+        torch.maximum(top, half[c], out=top)
+    own = torch.gather(half, 0, labels.long().unsqueeze(0))[0]
+    ties = torch.zeros(top.shape, dtype=torch.uint8)
+    equal = torch.empty(top.shape, dtype=torch.bool)
+    bits, top_bits = half.view(torch.int16), top.view(torch.int16)
+    for c in range(half.shape[0]):
+        torch.eq(bits[c], top_bits, out=equal)
+        ties.add_(equal.view(torch.uint8))
+    suspect = (ties > 1) | (top == 0) | (own != top)
+    bad = torch.zeros_like(suspect)
+    bad[suspect] = labels_from_logits(half[:, suspect]).long() != labels[suspect].long()
+    if bool(bad.any()):
+        mend = bad.numpy()
+        by_voxel = np.moveaxis(half.numpy(), 0, -1)
+        plane = by_voxel[mend]
+        top_np = plane.max(axis=1)
+        plane[np.arange(len(plane)), labels.numpy()[mend].astype(np.intp)] = np.nextafter(
+            top_np, np.float16(np.inf))
+        by_voxel[mend] = plane
+
+
+@contextlib.contextmanager
+def sinks_of_dec07() -> Iterator[None]:
+    """The sinks as of 2026-12-07, before blocks and the one-reduction tie test: the module's
+    functions swapped while the block runs (the sink classes look them up at each call)."""
+    kept = sinks.repair_float16, sinks.confidence_map
+    sinks.repair_float16, sinks.confidence_map = dec07_repair_float16, dec07_confidence_map
+    try:
+        yield
+    finally:
+        sinks.repair_float16, sinks.confidence_map = kept
 
 
 def fused_confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -278,9 +342,11 @@ def stage_functions(slab: torch.Tensor, folder: Path) -> tuple[dict[str, Callabl
                 fn()
         return run
 
-    def repair() -> None:
-        sinks.round_to_float16(half, slab)  # fresh input; bench_stages subtracts its time
-        sinks.repair_float16(half, labels)
+    def repair(function: Callable[[torch.Tensor, torch.Tensor], None]) -> Callable[[], None]:
+        def run() -> None:
+            sinks.round_to_float16(half, slab)  # fresh input; bench_stages subtracts its time
+            function(half, labels)
+        return run
 
     stages = {
         "label argmax (engine; reference)": lambda: labels_from_logits(slab),
@@ -288,14 +354,17 @@ def stage_functions(slab: torch.Tensor, folder: Path) -> tuple[dict[str, Callabl
             slab, labels),
         "float16 after, engine thread: round into chunk buffer": lambda: sinks.round_to_float16(
             half, slab),
-        "float16 after, writer thread: clamp, tie check, mend": repair,
+        "float16 12-07, writer thread: clamp, tie check, mend": repair(dec07_repair_float16),
+        "float16 now, writer thread: clamp, tie check, mend": repair(sinks.repair_float16),
         "Blosc LZ4 compress (1 thread)": per_slab(lambda: blosc.encode(chunk)),
         "chunk write before: zarr incl. its fill-value test": per_slab(before_write),
         "chunk write 12-03: own zero test + zarr": per_slab(after_write),
         "chunk write now: own zero test, Blosc encode, file write": per_slab(own_write),
         "confidence before: fresh temporaries": lambda: [
-            sinks.confidence_map(slab[:, k]) for k in range(dz)],
-        "confidence after: reused buffers (same bits)": lambda: [
+            before_confidence_map(slab[:, k]) for k in range(dz)],
+        "confidence 12-07: reused slice buffers (same bits)": lambda: [
+            dec07_confidence_map(slab[:, k], scratch) for k in range(dz)],
+        "confidence now: blocks of rows (same bits)": lambda: [
             sinks.confidence_map(slab[:, k], scratch) for k in range(dz)],
         "confidence fused logsumexp (not adopted)": lambda: [
             fused_confidence(slab[:, k]) for k in range(dz)],
@@ -313,8 +382,12 @@ def sink_runs(slab: torch.Tensor, labels: torch.Tensor, folder: Path, slabs: int
     classes, dz, y, x = slab.shape
     shape = (slabs * dz, y, x)
 
-    def run(name: str, make: Callable[[], Sink]) -> Callable[[], None]:
+    def run(name: str, make: Callable[[], Sink], dec07: bool = False) -> Callable[[], None]:
         def go() -> None:
+            with sinks_of_dec07() if dec07 else contextlib.nullcontext():
+                whole_sink(make)
+
+        def whole_sink(make: Callable[[], Sink]) -> None:
             sink, consuming = make(), 0.0
             sink.begin(classes, shape)
             for i in range(slabs):
@@ -334,11 +407,14 @@ def sink_runs(slab: torch.Tensor, labels: torch.Tensor, folder: Path, slabs: int
             folder / "before.zarr", {})),
         "LogitsSink 12-03 (chunks through zarr)": run(
             "LogitsSink 12-03 (chunks through zarr)",
-            lambda: ZarrWriteLogitsSink(folder / "zarrwrite.zarr", {})),
+            lambda: ZarrWriteLogitsSink(folder / "zarrwrite.zarr", {}), dec07=True),
+        "LogitsSink 12-07": run("LogitsSink 12-07", lambda: sinks.LogitsSink(
+            folder / "dec07.zarr", {}), dec07=True),
         "LogitsSink now": run("LogitsSink now", lambda: sinks.LogitsSink(
             folder / "after.zarr", {})),
         "ConfidenceSink before": run("ConfidenceSink before", BeforeConfidenceSink),
-        "ConfidenceSink after": run("ConfidenceSink after", sinks.ConfidenceSink),
+        "ConfidenceSink 12-07": run("ConfidenceSink 12-07", sinks.ConfidenceSink, dec07=True),
+        "ConfidenceSink now": run("ConfidenceSink now", sinks.ConfidenceSink),
     }
 
 
@@ -361,7 +437,9 @@ def bench_stages(classes: int, slab_yx: tuple[int, int], repeats: int, folder: P
     finally:
         torch.set_num_threads(threads)
     engine_round = best["float16 after, engine thread: round into chunk buffer"]
-    best["float16 after, writer thread: clamp, tie check, mend"] -= engine_round
+    for name in ("float16 12-07, writer thread: clamp, tie check, mend",
+                 "float16 now, writer thread: clamp, tie check, mend"):
+        best[name] -= engine_round
     rows: list[tuple[str, float, float | None]] = [(n, 1000 * s, None) for n, s in best.items()]
     rows += [(f"{n}: whole sink incl. finish", 1000 * s / slabs, 1000 * in_consume[n] / slabs)
              for n, s in best_whole.items()]
@@ -417,10 +495,18 @@ def run_variant(variant: str, volume: np.ndarray, predict: TimedCall,
         "labels only": (),
         "labels + logits + conf, before": (BeforeLogitsSink, BeforeConfidenceSink),
         "labels + logits + conf, 12-03": (ZarrWriteLogitsSink, sinks.ConfidenceSink),
+        "labels + logits + conf, 12-07": (sinks.LogitsSink, sinks.ConfidenceSink),
         "labels + logits + conf, now": (sinks.LogitsSink, sinks.ConfidenceSink),
     }
+    with sinks_of_dec07() if variant.endswith(("12-03", "12-07")) else contextlib.nullcontext():
+        return run_sinks(kinds[variant], volume, predict, sliding, folder)
+
+
+def run_sinks(kinds: tuple[type[Sink], ...], volume: np.ndarray, predict: TimedCall,
+              sliding: SlidingWindowSettings, folder: Path) -> tuple[float, float, float]:
+    """:func:`run_variant` with the sinks of ``kinds`` besides the label map."""
     chosen: list[Sink] = [sinks.LabelSink()]
-    for kind in kinds[variant]:
+    for kind in kinds:
         chosen.append(kind(folder / "e2e.zarr", {}) if issubclass(kind, sinks.LogitsSink)
                       else kind())
     logits = [s for s in chosen if isinstance(s, sinks.LogitsSink)]
@@ -443,7 +529,8 @@ def bench_end_to_end(classes: int, shape: Triple, patch: Triple, stride: Triple,
     volume = phantom_volume(shape)
     sliding = SlidingWindowSettings(patch, stride, 1)
     variants = ["labels only", "labels + logits + conf, before",
-                "labels + logits + conf, 12-03", "labels + logits + conf, now"]
+                "labels + logits + conf, 12-03", "labels + logits + conf, 12-07",
+                "labels + logits + conf, now"]
     predictors = {"1x1x1 conv": TimedCall(classes)}
     if model_ms > 0:
         burn = calibrate_burn(model_ms)
@@ -495,7 +582,7 @@ def cli_inputs(folder: Path, z: int) -> tuple[Path, Path]:
 
 def cli_child(sink_set: str, cli_args: list[str]) -> int:
     """Run ``itk_infer`` in this process with the sinks of ``sink_set``: "before", "12-03",
-    "now" or "now:N" (N chunk buffers for the logits writer). The command gets
+    "12-07", "now" or "now:N" (N chunk buffers for the logits writer). The command gets
     ``--in-process``: the swapped classes live in this process, a worker would not see them."""
     from itk_infer import cli, pipeline
 
@@ -504,6 +591,8 @@ def cli_child(sink_set: str, cli_args: list[str]) -> int:
         pipeline.ConfidenceSink = BeforeConfidenceSink  # type: ignore[misc]
     elif sink_set == "12-03":
         pipeline.LogitsSink = ZarrWriteLogitsSink  # type: ignore[misc]
+    if sink_set in ("12-03", "12-07"):
+        sinks.repair_float16, sinks.confidence_map = dec07_repair_float16, dec07_confidence_map
     elif sink_set.startswith("now:"):
         sinks.WRITER_BUFFERS = int(sink_set.split(":")[1])
     return cli.main([*cli_args, "--in-process"])
@@ -540,7 +629,8 @@ def bench_cli(z: int, repeats: int, folder: Path, writer_buffers: int | None
     """The whole CLI, each variant in its own process, interleaved; best wall of each."""
     inputs, model = cli_inputs(folder, z)
     variants = ["labels only", "labels + logits + conf, before",
-                "labels + logits + conf, 12-03", "labels + logits + conf, now"]
+                "labels + logits + conf, 12-03", "labels + logits + conf, 12-07",
+                "labels + logits + conf, now"]
     if writer_buffers:
         variants.append(f"labels + logits + conf, now, {writer_buffers} chunk buffers")
     best: dict[str, dict[str, float]] = {}

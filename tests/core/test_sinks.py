@@ -172,6 +172,13 @@ def test_float16_repair_takes_any_labels_and_strided_views():
     expected = float16_reference(logits, labels.numpy())
     np.testing.assert_array_equal(view.numpy().view(np.uint16), expected.view(np.uint16))
     assert not buffer[:, 0].any() and not buffer[:, 4].any()
+    # A view that is not contiguous within a class, too (the tie test works on a copy).
+    wide = torch.zeros((6, 3, 7, 4), dtype=torch.float16)
+    rows = wide[:, :, 1:6]
+    sinks.round_to_float16(rows, torch.from_numpy(logits))
+    sinks.repair_float16(rows, labels)
+    np.testing.assert_array_equal(rows.numpy().view(np.uint16), expected.view(np.uint16))
+    assert not wide[:, :, 0].any() and not wide[:, :, 6].any()
 
 
 def test_logits_sink_refuses_a_gap_between_slabs(tmp_path):
@@ -350,11 +357,31 @@ def test_confidence_map_scratch_changes_no_bit_and_is_reused():
     rng = np.random.default_rng(9)
     scratch = EntropyScratch()
     ring = torch.from_numpy(rng.normal(scale=4.0, size=(7, 4, 12, 15)).astype(np.float32))
+    kept = []
     for k in range(ring.shape[1]):
         view = ring[:, k, 2:10, 1:13]  # strided, as the engine's ring slices are
         got = confidence_map(view, scratch)
         assert torch.equal(got, confidence_before(view))
-    first = scratch.buffers(ring[:, 0, 2:10, 1:13])[0]
-    assert first.data_ptr() == scratch.buffers(ring[:, 1, 2:10, 1:13])[0].data_ptr()
+        kept.append(scratch.buffer("clamped", (7, 8 * 12), view.device).data_ptr())
+    assert len(set(kept)) == 1
     np.testing.assert_allclose(confidence_map(ring[:, 0], scratch).numpy(),
                                confidence_float64(ring[:, 0].numpy()), atol=2e-6)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 17, 32, 33])
+def test_confidence_in_blocks_has_the_bits_of_the_whole_slice(monkeypatch, classes):
+    """Blocks of about 64 voxels (so that most slices split, remainders included), slices of
+    odd sizes, strided views: every voxel's bits equal the one-pass map's."""
+    monkeypatch.setattr(sinks, "CONFIDENCE_BLOCK_BYTES", 64 * 4 * classes)
+    monkeypatch.setattr(sinks, "CONFIDENCE_WHOLE_BYTES", 0)
+    rng = np.random.default_rng(classes)
+    scratch = EntropyScratch()
+    blocked = 0
+    for y, x in [(9, 64), (17, 32), (33, 48), (15, 96), (5, 512), (130, 129), (3, 5), (1, 127)]:
+        padded = torch.from_numpy(
+            rng.normal(scale=4.0, size=(classes, y + 2, x + 3)).astype(np.float32))
+        padded[0, 0, :3] = torch.tensor([math.inf, -math.inf, 1e4])
+        for view in (padded[:, :y, :x], padded[:, 2:, 3:].contiguous()):
+            blocked += sinks._confidence_block_rows(view) is not None
+            assert torch.equal(confidence_map(view, scratch), confidence_before(view))
+    assert blocked == 12  # all but the last two shapes go in blocks
