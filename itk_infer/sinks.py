@@ -326,7 +326,9 @@ def repair_float16(half: torch.Tensor, labels: torch.Tensor) -> None:
         return
     by_voxel = np.moveaxis(stored, 0, -1)  # view (dz, Y, X, C)
     plane = by_voxel[bad_np]  # copy (n, C)
-    top = plane.max(axis=1)
+    # fmax skips a NaN (an fp16 model's inf - inf): a NaN class after the label never wins,
+    # and a NaN top would make the label's own value NaN, which loses to the classes before.
+    top = np.fmax.reduce(plane, axis=1)
     winners = labels.numpy()[bad_np].astype(np.intp)
     plane[np.arange(len(winners)), winners] = np.nextafter(top, np.float16(np.inf))
     by_voxel[bad_np] = plane
@@ -345,7 +347,7 @@ def _argmax_changed(half: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | 
     if not float(half.amin()) >= -FLOAT16_MAX:  # -inf or NaN
         half.clamp_(-FLOAT16_MAX, FLOAT16_CLAMP)
     own, others = _own_and_others(half, labels)
-    high = max(float(own.max()), float(others.max()))
+    high = float(torch.maximum(own.max(), others.max()))  # NaN if either has one
     if not high <= FLOAT16_CLAMP:  # inf, float16's largest value or NaN
         half.clamp_(-FLOAT16_MAX, FLOAT16_CLAMP)
         if math.isnan(high):

@@ -160,6 +160,23 @@ def test_logits_to_float16_equals_reference_on_random_slabs():
             np.testing.assert_array_equal(stored.view(np.uint16), expected.view(np.uint16))
 
 
+def test_float16_labels_survive_nan_logits():
+    """NaNs (an fp16 model's inf - inf) in classes after the label, on near-ties that rounding
+    breaks: the stored argmax is still the label, by ``labels_from_logits``'s rule (a NaN
+    class never wins and stops later ones), and every NaN stays where it was."""
+    rng = np.random.default_rng(6)
+    logits = hard_logits(rng, 5, (2, 16, 16))
+    logits[:3] = np.nan_to_num(logits[:3], posinf=1e4, neginf=-1e4)  # finite before the NaNs
+    logits[:3] = logits[1] + rng.uniform(-1e-3, 1e-3, size=logits[:3].shape)  # near ties
+    nan_at = rng.random(logits.shape[1:]) < 0.5
+    logits[3][nan_at] = np.nan
+    labels = labels_from_logits(torch.from_numpy(logits))
+    stored = sinks.logits_to_float16(torch.from_numpy(logits), labels)
+    assert torch.equal(labels_from_logits(torch.from_numpy(stored)), labels)
+    assert np.array_equal(np.isnan(stored), np.isnan(logits))
+    assert int((np.argmax(stored[:3], axis=0) != labels.numpy())[nan_at].sum()) == 0
+
+
 def test_float16_repair_takes_any_labels_and_strided_views():
     """Labels that are not the argmax at all are enforced too, on a view into a buffer."""
     rng = np.random.default_rng(4)
