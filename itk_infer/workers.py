@@ -34,7 +34,7 @@ from itk_infer.errors import DiskFullError, ItkInferError
 from itk_infer.locks import remove_stale_locks
 from itk_infer.outfolder import remove_temporaries
 from itk_infer.progress import Progress, available_cores
-from itk_infer.records import NOT_RUN_DISK_FULL, CaseOutcome
+from itk_infer.records import NOT_RUN_DISK_FULL, CaseOutcome, complete_record, record_status
 from itk_infer.spawn import new_crash_log, skip_final_collection, start_process, worker_args
 
 if TYPE_CHECKING:
@@ -475,6 +475,7 @@ class _Pool:
         del self.workers[worker.slot]
         code = worker.process.exitcode
         crashed = crashed_step(_read_crash_log(worker.crash_log))
+        self.completed_before_exit(worker)
         if self.stopped:  # what it still held was never run
             for case, _phase in worker.held.values():
                 self.not_run(case.name)
@@ -516,6 +517,28 @@ class _Pool:
             self.replace(worker.slot, cause)
         else:
             self.progress.idle(worker.slot, cause)
+
+    def completed_before_exit(self, worker: _Worker) -> None:
+        """Count as done the cases whose record the worker published before it died.
+
+        A worker reports a written case only after the model step of the next one, so a
+        crash there took the report with it. The case was locked by that worker, so a
+        complete, current record can only be its own. Sent back to the queue, the case would
+        come out "skipped", as if another run had made it.
+        """
+        for name, (case, phase) in list(worker.held.items()):
+            if phase != "write" or not self.result.fingerprint:
+                continue
+            record = complete_record(self.layout, case, self.settings.outputs)
+            if record is None or record_status(
+                    record, self.result.fingerprint, self.result.described) != "done":
+                continue
+            del worker.held[name]
+            seconds = sum(record.timings_s.get(k, 0.0) for k in ("read", "infer", "write"))
+            outcome = CaseOutcome(name, "done", seconds=seconds, confidence=record.confidence)
+            log.info("%s was written before worker %d exited", name, worker.slot)
+            self.result.outcomes.append(outcome)
+            self.progress.done(outcome, worker.slot)
 
     def not_run(self, name: str) -> None:
         outcome = CaseOutcome(name, "skipped", reason=f"not run: {NOT_RUN_DISK_FULL}")

@@ -14,6 +14,8 @@ hook in the library itself. It wraps ``itk_infer.caseloop.infer_case``, the mode
   ``segv`` or ``abort``): a real native crash (a NULL read through ctypes, or ``abort()``)
   inside the pipeline's own call of that step for ``<case>``: reading the image
   (``read_volume``), the model's forward, or writing the label map (``write_label_map``);
+- ``ITK_INFER_TEST_CRASH_AFTER=<file>``: a crash of ``ITK_INFER_TEST_CRASH`` first waits (up
+  to 60 s) until ``<file>`` exists, e.g. the record of the case written before;
 - ``ITK_INFER_TEST_SHOW_THREADS=1``: print ``threads torch=<n> onnxruntime=<n>`` (the CPU
   threads the model runs with) to stderr before each model step.
 """
@@ -44,6 +46,10 @@ def _crash_if(step: str, name: str) -> None:
     wanted = os.environ.get("ITK_INFER_TEST_CRASH", "").split(":")
     if len(wanted) != 3 or wanted[0] != step or wanted[1] != name:
         return
+    after = os.environ.get("ITK_INFER_TEST_CRASH_AFTER")
+    deadline = time.monotonic() + 60
+    while after and not os.path.exists(after) and time.monotonic() < deadline:
+        time.sleep(0.01)
     if wanted[2] == "abort":
         os.abort()
     import ctypes

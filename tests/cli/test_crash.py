@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from itk_infer.cases import RECORDS_DIRNAME
 from itk_infer.workers import crashed_step
 from tests.cli.test_faults import (
     assert_matches_reference,
@@ -48,6 +49,31 @@ def test_native_crash_fails_only_its_case_with_one_process(tmp_path, batch, step
     others = [n for n in chosen if case_name(n) != victim]
     assert assert_matches_reference(out, reference, others) == len(others)
     assert not (out / chosen[1]).exists() and leftovers(out) == []
+
+
+def test_a_case_written_just_before_a_crash_counts_as_done(tmp_path, batch):  # noqa: F811
+    """The worker reports a written case after the next case's model step. A crash in that
+    step, once the first case's record is published, must leave the first case "done" (the
+    report died with the worker), not "skipped" as if another run had made it."""
+    inp, model, reference = batch
+    folder = tmp_path / "in"
+    folder.mkdir()
+    chosen = names(inp)[:CASES]
+    for name in chosen:
+        (folder / name).hardlink_to(inp / name)
+    first, victim = sorted(chosen, key=lambda n: -(folder / n).stat().st_size)[:2]
+    out = tmp_path / "out"
+    record = out / RECORDS_DIRNAME / f"{case_name(first)}.json"
+    result = run(folder, out, model, "--save-logits", "--report", tmp_path / "r.json",
+                 crash=f"model:{case_name(victim)}:abort", crash_after=record)
+    assert result.returncode == 1, result.stderr
+    outcomes = report(tmp_path / "r.json")
+    assert outcomes.pop(case_name(victim)) == (
+        "failed", "worker exited with signal 6 (SIGABRT) in the model")
+    assert outcomes == {case_name(n): ("done", "") for n in chosen if n != victim}
+    others = [n for n in chosen if n != victim]
+    assert assert_matches_reference(out, reference, others) == len(others)
+    assert leftovers(out) == []
 
 
 def test_in_process_is_not_isolated(tmp_path, batch):  # noqa: F811
