@@ -5,6 +5,8 @@ run byte for byte, nothing half-written is left, and the exit code is 1."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from itk_infer.cases import RECORDS_DIRNAME
@@ -22,6 +24,15 @@ from tests.cli.test_faults import (
 CASES = 4  # case0 .. case3 of the fault tests' batch, distinct sizes
 
 
+def first_cases(inp: Path, folder: Path) -> tuple[Path, list[str]]:
+    """``folder`` with links to the batch's first ``CASES`` inputs, and their file names."""
+    folder.mkdir()
+    chosen = names(inp)[:CASES]
+    for name in chosen:
+        (folder / name).hardlink_to(inp / name)
+    return folder, chosen
+
+
 @pytest.mark.parametrize(("step", "how", "reason"), [
     ("read", "segv", "worker exited with signal 11 (SIGSEGV) while reading it"),
     ("model", "abort", "worker exited with signal 6 (SIGABRT) in the model"),
@@ -30,11 +41,7 @@ CASES = 4  # case0 .. case3 of the fault tests' batch, distinct sizes
 def test_native_crash_fails_only_its_case_with_one_process(tmp_path, batch, step, how,  # noqa: F811
                                                            reason):
     inp, model, reference = batch
-    folder = tmp_path / "in"
-    folder.mkdir()
-    chosen = names(inp)[:CASES]
-    for name in chosen:
-        (folder / name).hardlink_to(inp / name)
+    folder, chosen = first_cases(inp, tmp_path / "in")
     # The run takes the largest input first: crash on a middle one, so that another case is
     # being read or written at the same moment in the worker's pipeline.
     victim = case_name(chosen[1])
@@ -56,11 +63,7 @@ def test_a_case_written_just_before_a_crash_counts_as_done(tmp_path, batch):  # 
     step, once the first case's record is published, must leave the first case "done" (the
     report died with the worker), not "skipped" as if another run had made it."""
     inp, model, reference = batch
-    folder = tmp_path / "in"
-    folder.mkdir()
-    chosen = names(inp)[:CASES]
-    for name in chosen:
-        (folder / name).hardlink_to(inp / name)
+    folder, chosen = first_cases(inp, tmp_path / "in")
     first, victim = sorted(chosen, key=lambda n: -(folder / n).stat().st_size)[:2]
     out = tmp_path / "out"
     record = out / RECORDS_DIRNAME / f"{case_name(first)}.json"
