@@ -154,16 +154,8 @@ class BeforeConfidenceSink(sinks.ConfidenceSink):
 def dec07_confidence_map(logits: torch.Tensor,
                          scratch: sinks.EntropyScratch | None = None) -> torch.Tensor:
     """``sinks.confidence_map`` of 2026-12-07 (C > 1): the same ops on whole (C, Y, X)
-    slices in two reused buffers, no blocks."""
-    scratch = scratch or sinks.EntropyScratch()
-    bound, shape = sinks.CONFIDENCE_LOGIT_BOUND, tuple(logits.shape)
-    clamped = scratch.buffer("whole clamped", shape, logits.device)
-    log_p = scratch.buffer("whole log_p", shape, logits.device)
-    torch.clamp(logits.float(), -bound, bound, out=clamped)
-    torch.log_softmax(clamped, 0, out=log_p)
-    p_log_p = torch.exp(log_p, out=clamped).mul_(log_p)
-    entropy = -p_log_p.sum(dim=0)
-    return (1.0 - entropy / math.log(logits.shape[0])).clamp_(0.0, 1.0)
+    slices in two reused buffers, no blocks (today's path for small slices)."""
+    return sinks.whole_slice_confidence(logits, scratch or sinks.EntropyScratch())
 
 
 def dec07_repair_float16(half: torch.Tensor, labels: torch.Tensor) -> None:

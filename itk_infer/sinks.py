@@ -189,28 +189,33 @@ def confidence_map(logits: torch.Tensor, scratch: EntropyScratch | None = None) 
         entropy = -(log_p.exp() * log_p + log_q.exp() * log_q)
         return (1.0 - entropy / math.log(2.0)).clamp_(0.0, 1.0)
     scratch = scratch or EntropyScratch()
-    classes, voxels, device = logits.shape[0], logits[0].numel(), logits.device
     rows = _confidence_block_rows(logits)
-    if rows is None:  # one block
-        clamped = scratch.buffer("clamped", (classes, voxels), device)
-        torch.clamp(logits.float(), -CONFIDENCE_LOGIT_BOUND, CONFIDENCE_LOGIT_BOUND,
-                    out=clamped.view(logits.shape))
-        log_p = scratch.buffer("log_p", (classes, voxels), device)
-        return _confidence_of(clamped, log_p, clamped).view(logits.shape[1:])
-    height, width = logits.shape[1:]
+    if rows is None:
+        return whole_slice_confidence(logits, scratch)
+    classes, height, width = logits.shape
     starts = range(0, height - rows + 1, rows)  # the last block takes the remainder too
     widest = classes * (rows + height % rows) * width
-    work, spare = (scratch.buffer(role, (widest,), device) for role in ("work", "spare"))
+    work, spare = (scratch.buffer(role, (widest,), logits.device) for role in ("work", "spare"))
     result = torch.empty((height, width), dtype=torch.float32)
     for start, end in zip(starts, [*starts[1:], height], strict=True):
         size = classes * (end - start) * width
-        clamped = work[:size].view(classes, end - start, width)
+        block = work[:size].view(classes, -1)
         torch.clamp(logits[:, start:end].float(), -CONFIDENCE_LOGIT_BOUND,
-                    CONFIDENCE_LOGIT_BOUND, out=clamped)
-        result[start:end] = _confidence_of(
-            clamped.view(classes, -1), spare[:size].view(classes, -1),
-            clamped.view(classes, -1)).view(end - start, width)
+                    CONFIDENCE_LOGIT_BOUND, out=block.view(classes, end - start, width))
+        result[start:end] = _confidence_of(block, spare[:size].view(classes, -1),
+                                           block).view(end - start, width)
     return result
+
+
+def whole_slice_confidence(logits: torch.Tensor, scratch: EntropyScratch) -> torch.Tensor:
+    """:func:`confidence_map` of (C, ...) logits, C > 1, in one block: the clamped copy and the
+    log-probabilities in two buffers of the slice's size."""
+    classes, voxels, device = logits.shape[0], logits[0].numel(), logits.device
+    clamped = scratch.buffer("clamped", (classes, voxels), device)
+    torch.clamp(logits.float(), -CONFIDENCE_LOGIT_BOUND, CONFIDENCE_LOGIT_BOUND,
+                out=clamped.view(logits.shape))
+    log_p = scratch.buffer("log_p", (classes, voxels), device)
+    return _confidence_of(clamped, log_p, clamped).view(logits.shape[1:])
 
 
 def _confidence_block_rows(logits: torch.Tensor) -> int | None:

@@ -526,8 +526,10 @@ class _Pool:
         complete, current record can only be its own. Sent back to the queue, the case would
         come out "skipped", as if another run had made it.
         """
+        if not self.result.fingerprint:  # no worker got the model loaded: nothing was written
+            return
         for name, (case, phase) in list(worker.held.items()):
-            if phase != "write" or not self.result.fingerprint:
+            if phase != "write":
                 continue
             record = complete_record(self.layout, case, self.settings.outputs)
             if record is None or record_status(
