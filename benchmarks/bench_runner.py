@@ -31,6 +31,7 @@ import tempfile
 import time
 from itertools import groupby
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,9 +74,16 @@ def write_phantoms(folder: Path, count: int, size: tuple[int, int, int]) -> None
         sitk.WriteImage(image, str(folder / f"phantom_{seed:02d}.nii.gz"), useCompression=True)
 
 
+class BareForward(NamedTuple):
+    seconds: float  # wall time inside the model
+    cpu_seconds: float  # CPU time of every thread of this process over the same calls
+    windows: int
+    calls: int
+
+
 def bare_forward_seconds(folder: Path, model: Path, stride: list[int] | None,
-                         device_name: str) -> tuple[float, int, int]:
-    """Seconds inside the model over the engine's windows of every case; windows; calls."""
+                         device_name: str) -> BareForward:
+    """The model alone over the engine's windows and batches of every case."""
     import torch
 
     from itk_infer.backends import resolve_device
@@ -93,7 +101,7 @@ def bare_forward_seconds(folder: Path, model: Path, stride: list[int] | None,
     if device.type == "cpu":
         import onnxruntime as ort
 
-        # The session as OnnxBackend builds it on the CPU (default threads: all cores).
+        # A plain session (default options, all cores), as a bare loop would make it.
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(model), options,
@@ -107,7 +115,7 @@ def bare_forward_seconds(folder: Path, model: Path, stride: list[int] | None,
             backend.forward(torch.from_numpy(x).to(device))
             torch.cuda.synchronize(device)
 
-    total, windows_count, calls = 0.0, 0, 0
+    total, cpu, windows_count, calls = 0.0, 0.0, 0, 0
     warmed = False
     for case in discover_cases(folder):
         volume = load_case(case, inference).voxels
@@ -132,11 +140,12 @@ def bare_forward_seconds(folder: Path, model: Path, stride: list[int] | None,
                 if not warmed:  # first-call set-up is model loading, not forward time
                     forward(x)
                     warmed = True
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 forward(x)
                 total += time.perf_counter() - t0
+                cpu += time.process_time() - c0
                 calls += 1
-    return total, windows_count, calls
+    return BareForward(total, cpu, windows_count, calls)
 
 
 def end_to_end(folder: Path, out: Path, model: Path, procs: int, stride: list[int] | None,
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         write_phantoms(folder, args.cases, tuple(args.size))
         print(f"{args.cases} phantoms {tuple(args.size)} written in "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        bare, windows, calls = bare_forward_seconds(folder, args.model, stride, args.device)
+        bare, _, windows, calls = bare_forward_seconds(folder, args.model, stride, args.device)
         print(f"bare forward: {bare:.1f} s ({windows} windows, {calls} calls)", file=sys.stderr)
         runs = {}
         for procs in args.procs:

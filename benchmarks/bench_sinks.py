@@ -15,6 +15,9 @@
    (``--cli-z`` x 512 x 512) with a random 32-class 1x1x1 conv ONNX model (ONNX Runtime),
    wall time, CPU time and peak RSS; ``--writer-buffers N`` adds a run with N chunk buffers.
    The cases run in the command's process (``--in-process``), where the sinks are swapped.
+   Every dated variant also lets ONNX Runtime's idle threads spin, as they did up to
+   2026-12-08; "labels only, 12-08" is labels only so, the base of those variants' ratios.
+   ``--cli-variants A,B`` runs only the named variants (labels only always).
 
 Variants run interleaved (A B C, C B A, ...); each figure is the best of ``--e2e-repeats``,
 and ratios compare figures of the same run. Run from the repository root:
@@ -587,7 +590,30 @@ def cli_child(sink_set: str, cli_args: list[str]) -> int:
         sinks.repair_float16, sinks.confidence_map = dec07_repair_float16, dec07_confidence_map
     elif sink_set.startswith("now:"):
         sinks.WRITER_BUFFERS = int(sink_set.split(":")[1])
+    if not sink_set.startswith("now"):
+        _let_onnxruntime_spin()
     return cli.main([*cli_args, "--in-process"])
+
+
+def _let_onnxruntime_spin() -> None:
+    """Sessions as the backend opened them up to 2026-12-08: idle pool threads spin."""
+    from itk_infer.backends import onnx
+
+    plain = onnx._session_options
+
+    def spinning(ort: Any, intra_op_threads: int | None) -> Any:
+        options = plain(ort, intra_op_threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        return options
+
+    onnx._session_options = spinning  # type: ignore[assignment]
+
+
+def _sink_set(variant: str) -> str:
+    """The ``cli_child`` sink set of a CLI variant's name."""
+    if variant.endswith("chunk buffers"):
+        return f"now:{variant.split()[-3]}"
+    return variant.rsplit(", ", 1)[-1] if variant != "labels only" else "now"
 
 
 def run_cli_variant(variant: str, inputs: Path, model: Path, out: Path) -> dict[str, float]:
@@ -595,10 +621,8 @@ def run_cli_variant(variant: str, inputs: Path, model: Path, out: Path) -> dict[
     import json
     import subprocess
 
-    extra = [] if variant == "labels only" else ["--save-logits", "--save-conf"]
-    sink_set = variant.rsplit(", ", 1)[-1] if variant != "labels only" else "now"
-    if variant.endswith("chunk buffers"):
-        sink_set = f"now:{variant.split()[-3]}"
+    extra = [] if variant.startswith("labels only") else ["--save-logits", "--save-conf"]
+    sink_set = _sink_set(variant)
     command = [sys.executable, __file__, "--cli-child", sink_set, "--", "-i", str(inputs),
                "-o", str(out), "--onnx", str(model), "--device", "cpu", "--no-progress",
                *extra]
@@ -616,32 +640,51 @@ def run_cli_variant(variant: str, inputs: Path, model: Path, out: Path) -> dict[
             "cpu": usage.ru_utime + usage.ru_stime, **record["timings_s"]}
 
 
-def bench_cli(z: int, repeats: int, folder: Path, writer_buffers: int | None
-              ) -> list[dict[str, Any]]:
+CLI_VARIANTS = ["labels only", "labels only, 12-08", "labels + logits + conf, before",
+                "labels + logits + conf, 12-03", "labels + logits + conf, 12-07",
+                "labels + logits + conf, 12-08", "labels + logits + conf, now"]
+
+
+def bench_cli(z: int, repeats: int, folder: Path, writer_buffers: int | None,
+              only: list[str] | None = None) -> list[dict[str, Any]]:
     """The whole CLI, each variant in its own process, interleaved; best wall of each."""
     inputs, model = cli_inputs(folder, z)
-    variants = ["labels only", "labels + logits + conf, before",
-                "labels + logits + conf, 12-03", "labels + logits + conf, 12-07",
-                "labels + logits + conf, now"]
+    variants = [v for v in CLI_VARIANTS if v == "labels only" or only is None
+                or v.rsplit(", ", 1)[-1] in only or v in only]
     if writer_buffers:
         variants.append(f"labels + logits + conf, now, {writer_buffers} chunk buffers")
     best: dict[str, dict[str, float]] = {}
+    rounds: list[dict[str, float]] = []
     for rep in range(repeats):
+        rounds.append({})
         for variant in variants if rep % 2 == 0 else variants[::-1]:
             result = run_cli_variant(variant, inputs, model, folder / "out")
             print(f"  CLI | {variant} | " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()),
                   flush=True)
+            rounds[-1][variant] = result["wall"]
             if variant not in best or result["wall"] < best[variant]["wall"]:
                 best[variant] = result
-    base = best["labels only"]
+
+    def base(variant: str) -> dict[str, float]:
+        # A dated variant's own labels only, when it ran: the same session settings.
+        spun = not _sink_set(variant).startswith("now")
+        return best.get("labels only, 12-08", best["labels only"]) if spun else (
+            best["labels only"])
+
     print(f"\nitk_infer CLI, {z} x 512 x 512 CT, 32-class random 1x1x1 conv (ONNX Runtime, "
           f"CPU), patch 64 x 128 x 128, stride 32 x 64 x 64; best wall of {repeats}")
     print("| variant | wall, s | infer, s | in model, s | write, s | CPU, s | peak RSS, GB "
-          "| wall / labels only |\n|---|---|---|---|---|---|---|---|")
+          "| wall / labels only (a) |\n|---|---|---|---|---|---|---|---|")
     for variant, r in best.items():
         print(f"| {variant} | {r['wall']:.1f} | {r['infer']:.1f} | {r['forward']:.1f} | "
               f"{r['write']:.1f} | {r['cpu']:.1f} | {r['peak_gb']:.2f} | "
-              f"{r['wall'] / base['wall']:.2f} |")
+              f"{r['wall'] / base(variant)['wall']:.2f} |")
+    print("(a): the dated variants' ratio is to \"labels only, 12-08\" where it ran.\n")
+    for variant in best:
+        base_name = next(v for v in best if best[v] is base(variant))
+        if variant != base_name:
+            print(f"round by round, {variant} / {base_name}: " + ", ".join(
+                f"{r[variant] / r[base_name]:.2f}" for r in rounds))
     return [{"variant": v, **r} for v, r in best.items()]
 
 
@@ -657,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writer-buffers", type=int,
                         help="CLI part: also run with this many chunk buffers for the writer")
     parser.add_argument("--only", choices=["stages", "e2e", "cli"], help="run one part")
+    parser.add_argument("--cli-variants", help="CLI part: run only these variants, by name "
+                        "or date (e.g. \"12-08,now\"); labels only always runs")
     parser.add_argument("--cli-child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     if args.cli_child:
@@ -676,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                              Path(tmp))
         if args.only in (None, "cli"):
             bench_cli(32 if args.quick else args.cli_z, args.e2e_repeats, Path(tmp),
-                      args.writer_buffers)
+                      args.writer_buffers,
+                      args.cli_variants.split(",") if args.cli_variants else None)
     return 0
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -107,22 +108,30 @@ def import_costs(tree: Path, module: str) -> dict[str, float]:
 
 
 def one_run(tree: Path, hook: Path, folder: Path, out: Path, model: Path,
-            stride: list[int], extra: list[str]) -> tuple[float, float]:
-    """Wall seconds of the whole command and seconds from its start to the first forward."""
+            stride: list[int], extra: list[str]) -> tuple[float, float, float]:
+    """Wall seconds of the whole command, seconds from its start to the first forward, and
+    CPU seconds of the command's processes (its workers included: it waits for them)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "itk_infer", "-i", str(folder), "-o", str(out),
            "--onnx", str(model), "--device", "cpu", "--no-progress",
            "--patch-stride", *map(str, stride), *extra]
     started = time.time()
+    c0 = _children_cpu()
     t0 = time.perf_counter()
     result = subprocess.run(cmd, cwd=tree, env=_env(tree, hook), capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    cpu = _children_cpu() - c0
     if result.returncode != 0:
         raise SystemExit(f"itk_infer ({tree}) failed ({result.returncode}):\n{result.stderr}")
     firsts = [float(t) for t in re.findall(r"FIRST_FORWARD (\S+)", result.stderr)]
     if not firsts:
         raise SystemExit(f"no forward seen in the run of {tree}:\n{result.stderr}")
-    return wall, min(firsts) - started
+    return wall, min(firsts) - started, cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,23 +170,28 @@ def main(argv: list[str] | None = None) -> None:
     walls: dict[str, list[float]] = {name: [] for name in runs}
     firsts: dict[str, list[float]] = {name: [] for name in runs}
     ratios: dict[str, list[float]] = {name: [] for name in runs}
-    bares = []
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    bares, bare_cpus = [], []
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
         folder, hook = Path(tmp) / "in", Path(tmp) / "hook"
         hook.mkdir()
         (hook / "sitecustomize.py").write_text(HOOK)
         write_phantoms(folder, args.cases, tuple(args.size))
         for repeat in range(args.repeats):
-            bare, windows, calls = bare_forward_seconds(folder, args.model, stride, "cpu")
+            bare, bare_cpu, windows, calls = bare_forward_seconds(folder, args.model, stride,
+                                                                   "cpu")
             bares.append(bare)
+            bare_cpus.append(bare_cpu)
             for name, (tree, extra) in runs.items():
-                wall, first = one_run(trees[tree], hook, folder, Path(tmp) / "out",
-                                      args.model, stride, extra)
+                wall, first, cpu = one_run(trees[tree], hook, folder, Path(tmp) / "out",
+                                           args.model, stride, extra)
                 walls[name].append(wall)
+                cpus[name].append(cpu)
                 firsts[name].append(first)
                 ratios[name].append(wall / bare)
                 print(f"repeat {repeat + 1}: {name}: run {wall:.2f} s, first forward "
-                      f"{first:.2f} s, bare forward {bare:.2f} s", file=sys.stderr)
+                      f"{first:.2f} s, CPU {cpu:.2f} s, bare forward {bare:.2f} s "
+                      f"(CPU {bare_cpu:.2f} s)", file=sys.stderr)
 
     print(f"\n`benchmarks/bench_startup.py` on {info['cpu']}, {info['nproc']} cores, "
           f"{info['date']}, load average {info['load']} at the start. {args.cases} phantoms of "
@@ -185,13 +199,18 @@ def main(argv: list[str] | None = None) -> None:
           f" ({windows} windows in {calls} forward calls); medians of {args.repeats} "
           "repeats, the ratio taken within each repeat.\n")
     print("| tree | process start → first forward, s | whole run (a), s | bare forward (b), s "
-          "| (a)/(b) | (a)/(b) min..max |")
-    print("|---|---|---|---|---|---|")
+          "| (a)/(b) | (a)/(b) min..max | CPU of (a), s | CPU of (b), s "
+          "| (a)'s CPU / cores / (b) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    cores = os.cpu_count() or 1
     for name in runs:
         print(f"| {name} | {statistics.median(firsts[name]):.2f} "
               f"| {statistics.median(walls[name]):.2f} | {statistics.median(bares):.2f} "
               f"| {statistics.median(ratios[name]):.2f} "
-              f"| {min(ratios[name]):.2f}..{max(ratios[name]):.2f} |")
+              f"| {min(ratios[name]):.2f}..{max(ratios[name]):.2f} "
+              f"| {statistics.median(cpus[name]):.1f} | {statistics.median(bare_cpus):.1f} "
+              f"| {statistics.median(cpus[name]) / cores / statistics.median(bares):.2f} |")
+    print(f"\nThe last column is the least (a)/(b) the run's CPU time allows on {cores} cores.")
 
 
 if __name__ == "__main__":

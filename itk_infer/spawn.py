@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -78,6 +78,20 @@ def worker_args(settings: Settings, slot: int, gpu_index: int, threads: int) -> 
     log): also what an early worker is compared by (:func:`itk_infer.prestart.take`)."""
     level = logging.getLogger("itk_infer").getEffectiveLevel()
     return (slot, settings, gpu_index, threads, level, os.getpid())
+
+
+@contextlib.contextmanager
+def collections_paused() -> Iterator[None]:
+    """No garbage collection inside, e.g. around importing torch: the import makes hundreds of
+    thousands of objects that all stay alive, so the collections it triggers free nothing and
+    cost about 0.2 s of CPU per process (BENCHMARKS.md, "Start-up")."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def skip_final_collection() -> None:

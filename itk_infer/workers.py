@@ -35,7 +35,13 @@ from itk_infer.locks import remove_stale_locks
 from itk_infer.outfolder import remove_temporaries
 from itk_infer.progress import Progress, available_cores
 from itk_infer.records import NOT_RUN_DISK_FULL, CaseOutcome, complete_record, record_status
-from itk_infer.spawn import new_crash_log, skip_final_collection, start_process, worker_args
+from itk_infer.spawn import (
+    collections_paused,
+    new_crash_log,
+    skip_final_collection,
+    start_process,
+    worker_args,
+)
 
 if TYPE_CHECKING:
     from itk_infer.pipeline import Model
@@ -193,10 +199,11 @@ def _load_worker_model(settings: Settings, gpu_index: int, threads: int | None) 
     """The worker's model on its device and share of the threads."""
     # The worker's side (torch and the whole core) is imported here, in the worker only: the
     # parent runs the pool without torch.
-    import torch
+    with collections_paused():
+        import torch
 
-    from itk_infer.backends import resolve_device
-    from itk_infer.pipeline import load_model
+        from itk_infer.backends import resolve_device
+        from itk_infer.pipeline import load_model
 
     if threads is not None:
         _limit_threads(threads)

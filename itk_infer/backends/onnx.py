@@ -51,6 +51,10 @@ def _session_options(ort: Any, intra_op_threads: int | None) -> Any:
     if intra_op_threads is not None:
         # Several CPU workers share the cores: each gets its own slice, not all of them.
         options.intra_op_num_threads = max(1, int(intra_op_threads))
+    # The pool's threads would otherwise spin for work after each op, taking the cores from
+    # what runs beside the model (blending, sinks, reading the next case, imports); the
+    # forward itself is no slower without (benchmarks/bench_startup.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

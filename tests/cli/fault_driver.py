@@ -16,8 +16,9 @@ hook in the library itself. It wraps ``itk_infer.caseloop.infer_case``, the mode
   (``read_volume``), the model's forward, or writing the label map (``write_label_map``);
 - ``ITK_INFER_TEST_CRASH_AFTER=<file>``: a crash of ``ITK_INFER_TEST_CRASH`` first waits (up
   to 60 s) until ``<file>`` exists, e.g. the record of the case written before;
-- ``ITK_INFER_TEST_SHOW_THREADS=1``: print ``threads torch=<n> onnxruntime=<n>`` (the CPU
-  threads the model runs with) to stderr before each model step.
+- ``ITK_INFER_TEST_SHOW_THREADS=1``: print ``threads torch=<n> onnxruntime=<n> spinning=<0|1>``
+  (the CPU threads the model runs with, and whether ONNX Runtime's idle ones spin) to stderr
+  before each model step.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def _faulty_infer_case(loaded, model, *args, **kwargs):
     if os.environ.get("ITK_INFER_TEST_SHOW_THREADS"):
         import torch
 
-        ort_threads = model.backend._session.get_session_options().intra_op_num_threads
-        print(f"threads torch={torch.get_num_threads()} onnxruntime={ort_threads}",
+        options = model.backend._session.get_session_options()
+        spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+        print(f"threads torch={torch.get_num_threads()} "
+              f"onnxruntime={options.intra_op_num_threads} spinning={spinning}",
               file=sys.stderr, flush=True)
     if loaded.case.name == os.environ.get("ITK_INFER_TEST_KILL_CASE"):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -3,6 +3,7 @@ ahead (itk_infer.warmstart) uses exactly the engine's batches and leaves the out
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import subprocess
@@ -14,6 +15,7 @@ import torch
 
 from itk_infer.config import SlidingWindowSettings
 from itk_infer.engine import _volume_tensor, _WindowBatcher, _WindowGrid
+from itk_infer.spawn import collections_paused
 from itk_infer.warmstart import RunAhead, batches, same_bits
 from tests.golden.digest import BACKEND_ARGS, DEMO, differences, digest_folder
 
@@ -172,3 +174,23 @@ def test_first_case_is_the_one_each_kind_of_run_takes_first(tmp_path: Path) -> N
     record.write_text("{}")
     assert first_case(settings, by_size=True).name == "c"
     assert first_case(settings.replace(overwrite=True), by_size=True).name == "b"
+
+
+def test_collections_paused_leaves_the_collector_as_it_found_it() -> None:
+    assert gc.isenabled()
+    with collections_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    try:
+        with collections_paused():
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert gc.isenabled()
+    gc.disable()  # a caller that had turned it off keeps it off
+    try:
+        with collections_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
