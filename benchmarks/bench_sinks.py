@@ -10,13 +10,15 @@
 2. Engine: ``itk_infer.engine.slide`` over a 96 x 512 x 512 phantom (the issue's patch
    64 x 128 x 128, stride 32 x 64 x 64, batch 1) with a 1x1x1 conv in torch as the model, so
    that the sinks dominate; ``--model-ms N`` adds a stand-in model (float32 matmuls on
-   torch's threads, calibrated to about N ms per window).
+   torch's threads, calibrated to about N ms per window). Only the sinks differ between its
+   variants: the engine is this tree's in all of them.
 3. CLI, the issue's setup: ``itk_infer`` in a subprocess per run on bench_memory's smooth CT
    (``--cli-z`` x 512 x 512) with a random 32-class 1x1x1 conv ONNX model (ONNX Runtime),
    wall time, CPU time and peak RSS; ``--writer-buffers N`` adds a run with N chunk buffers.
    The cases run in the command's process (``--in-process``), where the sinks are swapped.
-   Every dated variant also lets ONNX Runtime's idle threads spin, as they did up to
-   2026-12-08; "labels only, 12-08" is labels only so, the base of those variants' ratios.
+   Every dated variant also runs the engine as it was up to 2026-12-08: ONNX Runtime's idle
+   threads spin and the engine's own work runs on one thread; "labels only, 12-08" is labels
+   only so, the base of those variants' ratios.
    ``--cli-variants A,B`` runs only the named variants (labels only always).
 
 Variants run interleaved (A B C, C B A, ...); each figure is the best of ``--e2e-repeats``,
@@ -591,13 +593,17 @@ def cli_child(sink_set: str, cli_args: list[str]) -> int:
     elif sink_set.startswith("now:"):
         sinks.WRITER_BUFFERS = int(sink_set.split(":")[1])
     if not sink_set.startswith("now"):
-        _let_onnxruntime_spin()
+        _engine_of_dec08()
     return cli.main([*cli_args, "--in-process"])
 
 
-def _let_onnxruntime_spin() -> None:
-    """Sessions as the backend opened them up to 2026-12-08: idle pool threads spin."""
+def _engine_of_dec08() -> None:
+    """The engine as up to 2026-12-08: its own work in one part, and ONNX Runtime sessions
+    whose idle pool threads spin."""
+    from itk_infer import engine
     from itk_infer.backends import onnx
+
+    engine.CPU_ENGINE_PARTS = 1
 
     plain = onnx._session_options
 

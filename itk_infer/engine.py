@@ -14,9 +14,10 @@ import logging
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from itertools import groupby
+from itertools import groupby, pairwise
 
 import numpy as np
 import torch
@@ -37,6 +38,14 @@ EMIT_BYTES = 64 << 20
 # Runtime call its pool threads still hold the cores, so a multi-threaded torch op stalls at
 # its barrier: measured 10-20x slower per op on a 2-core machine than on one thread.
 CPU_BLEND_THREADS = 1
+# ...but that work is cut into up to this many parts (no more than the model's threads), run
+# at once on Python threads, one torch thread each: torch releases the GIL inside its ops, and
+# ONNX Runtime's pool no longer spins. Parts are whole classes or whole slices and start at
+# multiples of SPLIT_ALIGN elements, so each voxel takes the kernel path it takes in one op:
+# the same bits (tests/core/test_engine.py). Labels only, 128 x 512 x 512 on 2 cores: 16.7 s
+# -> 12.2 s (BENCHMARKS.md, "Output sinks"); more than 2 parts is not measured.
+CPU_ENGINE_PARTS = 4
+SPLIT_ALIGN = 64
 
 # What the engine runs on each batch: (N, 1, pz, py, px) float32 windows to (N, C, pz, py, px)
 # float16 or float32 logits; a backend's ``forward`` or any plain function.
@@ -167,6 +176,42 @@ def weight_profile(padded_yx: tuple[int, int], patch: Triple, stride_yx: tuple[i
     return torch.from_numpy(profile)
 
 
+class _Parts:
+    """Runs the engine's CPU work in parts at once (see ``CPU_ENGINE_PARTS``)."""
+
+    def __init__(self, parts: int) -> None:
+        self.parts = max(1, parts)
+        self._pool = (ThreadPoolExecutor(self.parts - 1, thread_name_prefix="itk_infer-engine")
+                      if self.parts > 1 else None)
+
+    def run(self, n: int, work: Callable[[int, int], object], unit: int | None = None) -> None:
+        """``work(start, stop)`` over spans that cover ``0 .. n``, at once.
+
+        ``unit``: for work whose rounding may differ between torch's vectorised and scalar
+        loops (addcmul may fuse its multiply-add), the elements of one index; the work is then
+        split only where every span starts at a multiple of ``SPLIT_ALIGN`` elements. Exact
+        work (division, maxima, integers, zeroing) passes None.
+        """
+        parts = min(self.parts, n)
+        if unit is not None and unit % SPLIT_ALIGN:
+            parts = 1
+        if self._pool is None or parts < 2:
+            work(0, n)
+            return
+        first, *rest = pairwise([n * k // parts for k in range(parts + 1)])
+        futures = [self._pool.submit(work, a, b) for a, b in rest]
+        try:
+            work(*first)
+        finally:
+            wait(futures)  # no part may still write into the slab when this returns
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
 class _SlabRing:
     """Weighted logits for ``patch_z`` consecutive slices, indexed z % patch_z.
 
@@ -175,20 +220,28 @@ class _SlabRing:
     """
 
     def __init__(self, num_classes: int, patch: Triple, padded: Triple, weight: np.ndarray,
-                 device: torch.device) -> None:
+                 device: torch.device, parts: _Parts | None = None) -> None:
         depth = patch[0]
         self.depth = depth
-        self.acc = torch.zeros((num_classes, depth, padded[1], padded[2]), device=device)
+        shape = (num_classes, depth, padded[1], padded[2])
+        if parts is None:
+            self.acc = torch.zeros(shape, device=device)
+        else:  # zeroed in parts: the first touch of a slab of GiBs is page faults, seconds
+            self.acc = torch.empty(shape, device=device)
+            parts.run(num_classes, lambda c0, c1: self.acc[c0:c1].zero_())
         self.weight = torch.from_numpy(weight.copy()).to(device)
 
-    def add(self, window_logits: torch.Tensor, z: int, ys: slice, xs: slice) -> None:
-        """Add one window's (C, pz, py, px) logits, weighted, at slice ``z``."""
+    def add(self, window_logits: torch.Tensor, z: int, ys: slice, xs: slice,
+            classes: slice = slice(None)) -> None:
+        """Add one window's (C, pz, py, px) logits, weighted, at slice ``z``; or only the
+        ``classes`` of both."""
         r = z % self.depth
         head = self.depth - r
         w = self.weight
-        self.acc[:, r:, ys, xs].addcmul_(window_logits[:, :head], w[:head])
+        acc, window_logits = self.acc[classes], window_logits[classes]
+        acc[:, r:, ys, xs].addcmul_(window_logits[:, :head], w[:head])
         if r:
-            self.acc[:, :r, ys, xs].addcmul_(window_logits[:, head:], w[head:])
+            acc[:, :r, ys, xs].addcmul_(window_logits[:, head:], w[head:])
 
 
 class _Threads:
@@ -280,11 +333,17 @@ class _SlabAccumulator:
     """Blends window logits into the ring and hands finished slices to the sinks."""
 
     def __init__(self, grid: _WindowGrid, blend: str, sinks: Sequence[Sink], num_classes: int,
-                 device: torch.device) -> None:
+                 device: torch.device, parts: int = 1) -> None:
         self.grid = grid
         self.sinks = sinks
-        self.ring = _SlabRing(num_classes, grid.patch, grid.padded,
-                              importance_map(grid.patch, blend), device)
+        # On a GPU the device runs the ops in parallel already.
+        self.parts = _Parts(parts if torch.device(device).type == "cpu" else 1)
+        try:
+            self.ring = _SlabRing(num_classes, grid.patch, grid.padded,
+                                  importance_map(grid.patch, blend), device, self.parts)
+        except BaseException:  # e.g. out of memory: the caller never gets this to close
+            self.parts.close()
+            raise
         self.device = self.ring.acc.device  # with its index, where ``device`` may lack one
         profile = weight_profile(grid.padded[1:], grid.patch, grid.stride[1:], blend)
         self.profile = profile.to(device)
@@ -296,8 +355,12 @@ class _SlabAccumulator:
     def add(self, out: torch.Tensor, windows: list[Triple]) -> None:
         """Add (N, C, pz, py, px) float32 logits on ``device`` of the N windows at ``windows``."""
         _pz, py, px = self.grid.patch
-        for i, (z, y, x) in enumerate(windows):
-            self.ring.add(out[i], z, slice(y, y + py), slice(x, x + px))
+
+        def blend(c0: int, c1: int) -> None:
+            for i, (z, y, x) in enumerate(windows):
+                self.ring.add(out[i], z, slice(y, y + py), slice(x, x + px), slice(c0, c1))
+
+        self.parts.run(self.ring.acc.shape[0], blend, unit=py * px)
 
     def emit_until(self, z_to: int) -> None:
         """Normalise, hand to sinks and clear the slices from the last call's end to ``z_to``."""
@@ -313,14 +376,30 @@ class _SlabAccumulator:
             if keep > 0:
                 wsum = self._weight_sum(z, keep)
                 logits = part[:, :keep, : shape[1], : shape[2]]
-                logits.div_(wsum)
+                self.parts.run(len(logits), lambda c0, c1, t=logits, d=wsum: t[c0:c1].div_(d))
                 del wsum
-                slab = Slab(z_start=z, logits=logits, labels=labels_from_logits(logits))
+                slab = Slab(z_start=z, logits=logits, labels=self._labels(logits))
                 for sink in self.sinks:
                     sink.consume(slab)
-            part.zero_()
+            self.parts.run(len(part), lambda c0, c1, t=part: t[c0:c1].zero_())
             z += n
         self.done = z_to
+
+    def _labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """:func:`labels_from_logits`, in parts of whole slices (or rows, for one slice)."""
+        if self.parts.parts < 2:
+            return labels_from_logits(logits)
+        axis = 1 if logits.shape[1] > 1 else 2
+        pieces: dict[int, torch.Tensor] = {}
+
+        def label(a: int, b: int) -> None:
+            pieces[a] = labels_from_logits(logits.narrow(axis, a, b - a))
+
+        self.parts.run(logits.shape[axis], label)
+        return torch.cat([pieces[a] for a in sorted(pieces)], dim=axis - 1)
+
+    def close(self) -> None:
+        self.parts.close()
 
     def _weight_sum(self, z: int, keep: int) -> torch.Tensor:
         """Weight sums of slices ``z .. z + keep``, cropped to the volume, from the profile."""
@@ -443,7 +522,8 @@ def _stream(predict: Predictor, batcher: _WindowBatcher, grid: _WindowGrid,
                     num_classes = int(out.shape[1])
                     acc_device = _blending_device(num_classes, grid, sliding, device,
                                                   volume_device, batch_size, threads, stats)
-                    acc = _SlabAccumulator(grid, sliding.blend, sinks, num_classes, acc_device)
+                    acc = _SlabAccumulator(grid, sliding.blend, sinks, num_classes, acc_device,
+                                           min(CPU_ENGINE_PARTS, threads.caller))
                 # Rebinding frees the model's own output (when converted) before blending.
                 out = out[: len(chunk)].to(acc.device, torch.float32)
                 acc.add(out, chunk)
@@ -451,6 +531,8 @@ def _stream(predict: Predictor, batcher: _WindowBatcher, grid: _WindowGrid,
             if acc is not None:
                 acc.emit_until(grid.row_end(index))
     finally:
+        if acc is not None:
+            acc.close()
         threads.model()
     return stats
 

@@ -4,6 +4,7 @@ backend (``run_sliding_window``) and with a plain function (``slide``)."""
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -217,6 +218,88 @@ def test_small_emit_pieces_give_the_same_result(monkeypatch):
     monkeypatch.setattr(engine, "EMIT_BYTES", 1)
     pieces = check_against_reference(*args, seed=3)
     assert whole.windows == pieces.windows
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "stride", "num_classes", "emit_bytes", "blend_split"),
+    [
+        # py * px = 256: blending is split too; stride 5 of 8 wraps the ring
+        ((37, 40, 44), (8, 16, 16), (5, 7, 9), 5, None, True),
+        # py * px = 99: blending stays whole (its parts would not start at a multiple of 64
+        # elements); division, labels and zeroing are split
+        ((23, 19, 21), (7, 9, 11), (3, 4, 5), 3, None, False),
+        # one-slice pieces: the labels are split by rows; two classes
+        ((12, 33, 30), (4, 8, 8), (3, 8, 8), 2, 1, True),
+    ],
+)
+def test_engine_work_in_parts_gives_the_same_bits(monkeypatch, shape, patch, stride,
+                                                  num_classes, emit_bytes, blend_split):
+    """The engine's CPU work split over threads hands the sinks exactly the bits of one thread."""
+    volume = np.random.default_rng(sum(shape)).normal(size=shape).astype(np.float32)
+    if emit_bytes is not None:
+        monkeypatch.setattr(engine, "EMIT_BYTES", emit_bytes)
+    threads: dict[str, set[int]] = {"blend": set(), "labels": set()}
+    ring_add, labels_of = engine._SlabRing.add, engine.labels_from_logits
+
+    def spied_add(*args, **kwargs):
+        threads["blend"].add(threading.get_ident())
+        return ring_add(*args, **kwargs)
+
+    def spied_labels(logits):
+        threads["labels"].add(threading.get_ident())
+        return labels_of(logits)
+
+    monkeypatch.setattr(engine._SlabRing, "add", spied_add)
+    monkeypatch.setattr(engine, "labels_from_logits", spied_labels)
+
+    def run(parts: int) -> list:
+        monkeypatch.setattr(engine, "CPU_ENGINE_PARTS", parts)
+        for seen in threads.values():
+            seen.clear()
+        sink = CaptureSink()
+        before = torch.get_num_threads()
+        torch.set_num_threads(4)  # the model's threads bound the parts
+        try:
+            slide(volume, ConvBackend(num_classes, seed=4).forward,
+                  SlidingWindowSettings(patch, stride, batch_size=3), [sink])
+        finally:
+            torch.set_num_threads(before)
+        sink.assembled(shape)
+        return sink.slabs
+
+    whole = run(1)
+    assert len(threads["blend"]) == len(threads["labels"]) == 1
+    parted = run(3)
+    assert len(threads["labels"]) > 1
+    assert (len(threads["blend"]) > 1) == blend_split
+    assert len(parted) == len(whole)
+    for (z0, logits0, labels0), (z1, logits1, labels1) in zip(whole, parted, strict=True):
+        assert z0 == z1
+        np.testing.assert_array_equal(logits1.view(np.uint32), logits0.view(np.uint32))
+        np.testing.assert_array_equal(labels1, labels0)
+
+
+def test_engine_parts_pass_on_a_failure_and_finish_every_part():
+    done: list[tuple[int, int]] = []
+
+    def work(a: int, b: int) -> None:
+        if a > 0:
+            raise ValueError(f"part {a}")
+        done.append((a, b))
+
+    parts = engine._Parts(3)
+    try:
+        with pytest.raises(ValueError, match="part"):
+            parts.run(10, work)
+        assert done == [(0, 3)]
+        covered: list[tuple[int, int]] = []
+        parts.run(10, lambda a, b: covered.append((a, b)))
+        assert sorted(covered) == [(0, 3), (3, 6), (6, 10)]
+        covered.clear()
+        parts.run(10, lambda a, b: covered.append((a, b)), unit=65)  # not aligned: whole
+        assert covered == [(0, 10)]
+    finally:
+        parts.close()
 
 
 def test_sigmoid_labels_are_positive_logits():

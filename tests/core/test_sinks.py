@@ -282,9 +282,11 @@ class GatedWrite:
     def __init__(self, write) -> None:
         self.write = write
         self.gate = threading.Event()
+        self.entered = threading.Event()  # a write is waiting at the gate
         self.writes = 0
 
     def __call__(self, index, data) -> None:
+        self.entered.set()
         assert self.gate.wait(30)
         self.write(index, data)
         self.writes += 1
@@ -341,7 +343,9 @@ def test_abort_drops_queued_chunks_and_nothing_is_written_after_it(tmp_path):
     sink, gated, logits = one_slice_chunks(tmp_path, 12)
     for z in range(sinks.WRITER_BUFFERS):
         consume_slice(sink, logits, z)
-    threading.Timer(0.2, gated.gate.set).start()  # the write in progress ends after abort began
+    # The writer holds the first chunk at the gate before abort begins; that write ends after.
+    assert gated.entered.wait(30)
+    threading.Timer(0.2, gated.gate.set).start()
     sink.abort()  # waits for that write, drops the two queued chunks, removes the temporary
     assert gated.writes == 1
     time.sleep(0.2)
