@@ -33,17 +33,17 @@ log = logging.getLogger(__name__)
 # Slabs go to sinks in pieces of at most this many bytes of float32 logits, so that what sinks
 # derive from them (softmax, fp16 copies) stays small next to the slab itself.
 EMIT_BYTES = 64 << 20
-# The engine's own CPU work (gather, blend, normalise, argmax) runs on this many torch threads;
-# the model keeps the caller's setting. These ops are memory-bound, and right after an ONNX
-# Runtime call its pool threads still hold the cores, so a multi-threaded torch op stalls at
-# its barrier: measured 10-20x slower per op on a 2-core machine than on one thread.
+# Each torch op of the engine's own CPU work (gather, blend, normalise, argmax) and of the
+# sinks runs on this many torch threads; the model keeps the caller's setting. With one
+# thread, no result depends on the thread count (the confidence's sums, where a kernel's
+# vector loop hands over to its scalar tail), and no op waits at a barrier for threads that
+# ONNX Runtime still holds (10-20x slower per op on 2 cores when its idle threads spun).
 CPU_BLEND_THREADS = 1
-# ...but that work is cut into up to this many parts (no more than the model's threads), run
-# at once on Python threads, one torch thread each: torch releases the GIL inside its ops, and
-# ONNX Runtime's pool no longer spins. Parts are whole classes or whole slices and start at
-# multiples of SPLIT_ALIGN elements, so each voxel takes the kernel path it takes in one op:
-# the same bits (tests/core/test_engine.py). Labels only, 128 x 512 x 512 on 2 cores: 16.7 s
-# -> 12.2 s (BENCHMARKS.md, "Output sinks"); more than 2 parts is not measured.
+# The engine's own work is instead cut into up to this many parts (no more than the model's
+# threads), run at once on Python threads: torch releases the GIL inside its ops. Parts are
+# whole classes or whole slices and start at multiples of SPLIT_ALIGN elements, so each voxel
+# takes the kernel path it takes in one op: the same bits (tests/core/test_engine.py). More
+# than 2 parts is not measured (BENCHMARKS.md, "Output sinks").
 CPU_ENGINE_PARTS = 4
 SPLIT_ALIGN = 64
 
@@ -176,6 +176,12 @@ def weight_profile(padded_yx: tuple[int, int], patch: Triple, stride_yx: tuple[i
     return torch.from_numpy(profile)
 
 
+def engine_part(work: Callable[[int, int], object], start: int, stop: int) -> None:
+    """One part on a helper thread; by this name a worker's crash dump of that thread reads
+    as the model step (:func:`itk_infer.workers.crashed_step`)."""
+    work(start, stop)
+
+
 class _Parts:
     """Runs the engine's CPU work in parts at once (see ``CPU_ENGINE_PARTS``)."""
 
@@ -199,7 +205,7 @@ class _Parts:
             work(0, n)
             return
         first, *rest = pairwise([n * k // parts for k in range(parts + 1)])
-        futures = [self._pool.submit(work, a, b) for a, b in rest]
+        futures = [self._pool.submit(engine_part, work, a, b) for a, b in rest]
         try:
             work(*first)
         finally:

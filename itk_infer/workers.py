@@ -56,7 +56,8 @@ MAX_ATTEMPTS = 2
 # Seconds a worker gets to exit after SIGTERM before it is killed.
 STOP_GRACE_S = 5.0
 # The pipeline step each function of a crashed thread's stack means (innermost wins).
-_STEPS = {"load_case": "read", "infer_case": "model", "write_case": "write"}
+_STEPS = {"load_case": "read", "infer_case": "model", "engine_part": "model",
+          "write_case": "write"}
 _WHILE = {"read": "while reading it", "model": "in the model", "write": "while writing it"}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from itk_infer.cases import RECORDS_DIRNAME
+from itk_infer.engine import engine_part
 from itk_infer.workers import crashed_step
 from tests.cli.test_faults import (
     assert_matches_reference,
@@ -111,3 +112,6 @@ def test_crashed_step_reads_the_current_threads_stack():
     assert crashed_step("") is None
     # Only a thread marked current counts: the writer's frames above are another thread's.
     assert crashed_step(dump.replace("Current thread", "Thread")) is None
+    # A part of the engine's blending, on one of its helper threads, is the model step.
+    part = dump.replace("in load_case", f"in {engine_part.__name__}")
+    assert crashed_step(part) == "model"
