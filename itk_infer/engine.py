@@ -226,15 +226,12 @@ class _SlabRing:
     """
 
     def __init__(self, num_classes: int, patch: Triple, padded: Triple, weight: np.ndarray,
-                 device: torch.device, parts: _Parts | None = None) -> None:
+                 device: torch.device, parts: _Parts) -> None:
         depth = patch[0]
         self.depth = depth
-        shape = (num_classes, depth, padded[1], padded[2])
-        if parts is None:
-            self.acc = torch.zeros(shape, device=device)
-        else:  # zeroed in parts: the first touch of a slab of GiBs is page faults, seconds
-            self.acc = torch.empty(shape, device=device)
-            parts.run(num_classes, lambda c0, c1: self.acc[c0:c1].zero_())
+        # Zeroed in parts: the first touch of a slab of GiBs is page faults, seconds of them.
+        self.acc = torch.empty((num_classes, depth, padded[1], padded[2]), device=device)
+        parts.run(num_classes, lambda c0, c1: self.acc[c0:c1].zero_())
         self.weight = torch.from_numpy(weight.copy()).to(device)
 
     def add(self, window_logits: torch.Tensor, z: int, ys: slice, xs: slice,
