@@ -12,7 +12,9 @@ start to the first model forward, and a 4-case run against the bare model forwar
    median over repeats. The first forward is seen from outside: a ``sitecustomize`` module
    put first on the path notes the wall clock at the first ``InferenceSession.run`` of each
    process (any thread; the worker processes too), so trees without start-up logging are
-   measured the same way.
+   measured the same way. CPU time: of the command and its workers (``RUSAGE_CHILDREN``), and
+   of this process over the bare forwards; the run's CPU time over the cores is the least
+   wall time it can take, whence the least ratio it allows.
 
 ``--tree NAME=PATH`` (repeatable) names source trees to compare, e.g. a clean
 ``git worktree`` of the last commit as ``before`` and ``.`` as ``after``; default: this tree.
