@@ -165,7 +165,8 @@ def dec07_confidence_map(logits: torch.Tensor,
 
 def dec07_repair_float16(half: torch.Tensor, labels: torch.Tensor) -> None:
     """``sinks.repair_float16`` of 2026-12-07 (C > 1): a clamp pass, then a running maximum
-    and a count of bit-equal classes, one op per class each; the mending as now."""
+    and a count of bit-equal classes, one op per class each; the mending as then (its
+    maximum not yet skipping NaN, the same cost)."""
     half.clamp_(-sinks.FLOAT16_MAX, sinks.FLOAT16_CLAMP)
     top = half[0].clone()
     for c in range(1, half.shape[0]):
@@ -191,9 +192,13 @@ def dec07_repair_float16(half: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def sinks_of_dec07() -> Iterator[None]:
+def sinks_of_dec07(swap: bool = True) -> Iterator[None]:
     """The sinks as of 2026-12-07, before blocks and the one-reduction tie test: the module's
-    functions swapped while the block runs (the sink classes look them up at each call)."""
+    functions swapped while the block runs (the sink classes look them up at each call).
+    ``swap=False``: today's, untouched."""
+    if not swap:
+        yield
+        return
     kept = sinks.repair_float16, sinks.confidence_map
     sinks.repair_float16, sinks.confidence_map = dec07_repair_float16, dec07_confidence_map
     try:
@@ -381,7 +386,7 @@ def sink_runs(slab: torch.Tensor, labels: torch.Tensor, folder: Path, slabs: int
 
     def run(name: str, make: Callable[[], Sink], dec07: bool = False) -> Callable[[], None]:
         def go() -> None:
-            with sinks_of_dec07() if dec07 else contextlib.nullcontext():
+            with sinks_of_dec07(dec07):
                 whole_sink(make)
 
         def whole_sink(make: Callable[[], Sink]) -> None:
@@ -495,7 +500,7 @@ def run_variant(variant: str, volume: np.ndarray, predict: TimedCall,
         "labels + logits + conf, 12-07": (sinks.LogitsSink, sinks.ConfidenceSink),
         "labels + logits + conf, now": (sinks.LogitsSink, sinks.ConfidenceSink),
     }
-    with sinks_of_dec07() if variant.endswith(("12-03", "12-07")) else contextlib.nullcontext():
+    with sinks_of_dec07(variant.endswith(("12-03", "12-07"))):
         return run_sinks(kinds[variant], volume, predict, sliding, folder)
 
 
@@ -579,8 +584,9 @@ def cli_inputs(folder: Path, z: int) -> tuple[Path, Path]:
 
 def cli_child(sink_set: str, cli_args: list[str]) -> int:
     """Run ``itk_infer`` in this process with the sinks of ``sink_set``: "before", "12-03",
-    "12-07", "now" or "now:N" (N chunk buffers for the logits writer). The command gets
-    ``--in-process``: the swapped classes live in this process, a worker would not see them."""
+    "12-07", "12-08", "now" or "now:N" (N chunk buffers for the logits writer); every set but
+    "now" with the engine of 12-08. The command gets ``--in-process``: the swapped classes
+    live in this process, a worker would not see them."""
     from itk_infer import cli, pipeline
 
     if sink_set == "before":
@@ -588,13 +594,12 @@ def cli_child(sink_set: str, cli_args: list[str]) -> int:
         pipeline.ConfidenceSink = BeforeConfidenceSink  # type: ignore[misc]
     elif sink_set == "12-03":
         pipeline.LogitsSink = ZarrWriteLogitsSink  # type: ignore[misc]
-    if sink_set in ("12-03", "12-07"):
-        sinks.repair_float16, sinks.confidence_map = dec07_repair_float16, dec07_confidence_map
     elif sink_set.startswith("now:"):
         sinks.WRITER_BUFFERS = int(sink_set.split(":")[1])
     if not sink_set.startswith("now"):
         _engine_of_dec08()
-    return cli.main([*cli_args, "--in-process"])
+    with sinks_of_dec07(sink_set in ("12-03", "12-07")):
+        return cli.main([*cli_args, "--in-process"])
 
 
 def _engine_of_dec08() -> None:

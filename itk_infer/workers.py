@@ -448,8 +448,7 @@ class _Pool:
             worker.progressed = time.monotonic()
             outcome: CaseOutcome = message[1]
             worker.held.pop(outcome.case, None)
-            self.result.outcomes.append(outcome)
-            self.progress.done(outcome, worker.slot)
+            self.report(outcome, worker.slot)
         elif kind == "log":
             level, name, text = message[1], message[2], message[3]
             # Every worker loads the same model: say each of its warnings once.
@@ -547,18 +546,18 @@ class _Pool:
             seconds = sum(record.timings_s.get(k, 0.0) for k in ("read", "infer", "write"))
             outcome = CaseOutcome(name, "done", seconds=seconds, confidence=record.confidence)
             log.info("%s was written before worker %d exited", name, worker.slot)
-            self.result.outcomes.append(outcome)
-            self.progress.done(outcome, worker.slot)
+            self.report(outcome, worker.slot)
 
-    def not_run(self, name: str) -> None:
-        outcome = CaseOutcome(name, "skipped", reason=f"not run: {NOT_RUN_DISK_FULL}")
-        self.result.outcomes.append(outcome)
-        self.progress.done(outcome)
-
-    def fail(self, name: str, cause: str, slot: int | None) -> None:
-        outcome = CaseOutcome(name, "failed", reason=cause)
+    def report(self, outcome: CaseOutcome, slot: int | None = None) -> None:
+        """A case's final outcome: into the run's result and onto the progress display."""
         self.result.outcomes.append(outcome)
         self.progress.done(outcome, slot)
+
+    def not_run(self, name: str) -> None:
+        self.report(CaseOutcome(name, "skipped", reason=f"not run: {NOT_RUN_DISK_FULL}"))
+
+    def fail(self, name: str, cause: str, slot: int | None) -> None:
+        self.report(CaseOutcome(name, "failed", reason=cause), slot)
 
     def replace(self, slot: int, cause: str) -> None:
         if self.startup_failures[slot] >= STARTUP_TRIES or self.restarts_left <= 0:
